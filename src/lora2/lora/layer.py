@@ -1,0 +1,196 @@
+"""The LoRA² layer: ΔW = s · B Λ A with a rank D learned through ν (LoRA², AWNN).
+
+Storage (``lora_A``: capacity × d_in, ``lora_B``: d_out × capacity) is a multiple of ``chunk_size`` rank
+positions just above the current rank D, so parameters, gradients and optimizer state follow D rather than
+``max_rank``. Only the first D positions take part in the forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora2.lora.config import LoRA2Config
+from lora2.rank.math import effective_rank, importance, nu_for_rank
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class LoRA2Layer(nn.Module):
+    """Wraps a frozen ``nn.Linear`` or ``nn.Conv2d`` and adds the adaptive-rank update ΔW = s · B Λ A."""
+
+    def __init__(self, base_layer: nn.Module, config: LoRA2Config, rank: int, name: str = "") -> None:
+        super().__init__()
+        if isinstance(base_layer, nn.Conv2d) and base_layer.groups != 1:
+            raise ValueError(f"module {name!r}: grouped Conv2d (groups={base_layer.groups}) is not supported")
+        if not isinstance(base_layer, (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"module {name!r}: only nn.Linear and nn.Conv2d can be adapted, got {type(base_layer)}")
+        if isinstance(base_layer, nn.Conv2d) and base_layer.padding_mode != "zeros":
+            raise ValueError(f"module {name!r}: Conv2d padding_mode={base_layer.padding_mode!r} is not supported")
+        self.base_layer = base_layer
+        self.config = config
+        self.name = name
+        self.adaptive = config.adaptive
+        self.scaling = config.scaling
+        self.merged = False
+        self.disable_adapters = False
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.r = rank
+        capacity = min(_round_up(rank, config.chunk_size), config.max_rank)
+        weight = base_layer.weight
+        self.lora_A = nn.Parameter(self._new_a_rows(capacity, weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self._b_shape(capacity), device=weight.device))
+        # ν in log space: Adam moves log ν by about lr per step, so ranks travel multiplicatively (docs/DESIGN.md)
+        log_nu = math.log(nu_for_rank(rank, config.quantile))
+        self.log_nu = nn.Parameter(torch.tensor(log_nu, device=weight.device), requires_grad=self.adaptive)
+
+    # ------------------------------------------------------------------ shapes and initialisation
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.base_layer, nn.Conv2d)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_channels if self.is_conv else self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_channels if self.is_conv else self.base_layer.out_features
+
+    @property
+    def capacity(self) -> int:
+        return self.lora_A.shape[0]
+
+    def _a_shape(self, rows: int) -> tuple[int, ...]:
+        if self.is_conv:
+            return (rows, self.in_features, *self.base_layer.kernel_size)
+        return (rows, self.in_features)
+
+    def _b_shape(self, cols: int) -> tuple[int, ...]:
+        return (self.out_features, cols, 1, 1) if self.is_conv else (self.out_features, cols)
+
+    def _new_a_rows(self, rows: int, device: torch.device) -> torch.Tensor:
+        # peft's default: kaiming_uniform(a=√5) on lora_A, i.e. U(−1/√fan_in, 1/√fan_in)
+        fan_in = math.prod(self._a_shape(1)[1:])
+        bound = 1.0 / math.sqrt(fan_in)
+        return torch.empty(self._a_shape(rows), device=device).uniform_(-bound, bound)
+
+    # ------------------------------------------------------------------ rank
+    @property
+    def nu(self) -> torch.Tensor:
+        return self.log_nu.exp()
+
+    def importance(self) -> torch.Tensor:
+        """λ_1..λ_D, the diagonal of Λ (ones for fixed-rank LoRA, the ν → 0 limit of "first" scaling)."""
+        if not self.adaptive:
+            return torch.ones(self.r, device=self.lora_A.device)
+        return importance(self.nu, self.r, self.config.lambda_scaling)  # (D,)
+
+    def target_rank_from_nu(self) -> int:
+        """The effective rank D that ν currently implies (the fixed rank for fixed-rank LoRA)."""
+        if not self.adaptive:
+            return self.r
+        return effective_rank(self.nu.item(), self.config.quantile, self.config.max_rank)
+
+    @torch.no_grad()
+    def set_rank(self, rank: int) -> tuple[dict[str, tuple[nn.Parameter, nn.Parameter]], range]:
+        """Set D. Returns the parameters replaced by re-allocation (name → (old, new)) and the new positions.
+
+        New positions get fresh A rows and zero B columns so that the function does not jump; positions
+        beyond D are dropped from the forward pass (trailing positions, the least important ones).
+        Storage grows to the next multiple of ``chunk_size`` and shrinks only when two chunks are spare.
+        """
+        if not 1 <= rank <= self.config.max_rank:
+            raise ValueError(f"module {self.name!r}: rank must lie in [1, {self.config.max_rank}], got {rank}")
+        old_rank, self.r = self.r, rank
+        needed = min(_round_up(rank, self.config.chunk_size), self.config.max_rank)
+        replaced = {}
+        if needed > self.capacity or needed <= self.capacity - 2 * self.config.chunk_size:
+            replaced = self._reallocate(needed)
+        grown = range(old_rank, rank) if rank > old_rank else range(0)
+        if grown:
+            self.lora_A[grown.start : grown.stop] = self._new_a_rows(len(grown), self.lora_A.device)
+            self.lora_B[:, grown.start : grown.stop] = 0.0
+        return replaced, grown
+
+    def _reallocate(self, capacity: int) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+        keep = min(capacity, self.capacity)
+        new_a = self._new_a_rows(capacity, self.lora_A.device)
+        new_a[:keep] = self.lora_A[:keep]
+        new_b = torch.zeros(self._b_shape(capacity), device=self.lora_B.device)
+        new_b[:, :keep] = self.lora_B[:, :keep]
+        old_a, old_b = self.lora_A, self.lora_B
+        self.lora_A = nn.Parameter(new_a, requires_grad=old_a.requires_grad)
+        self.lora_B = nn.Parameter(new_b, requires_grad=old_b.requires_grad)
+        return {"lora_A": (old_a, self.lora_A), "lora_B": (old_b, self.lora_B)}
+
+    # ------------------------------------------------------------------ weights
+    def _scaled_a(self) -> torch.Tensor:
+        """s · Λ A over the active positions: folding Λ and s into A keeps the forward at peft's cost."""
+        lam = self.importance() * self.scaling  # (D,)
+        shape = (-1,) + (1,) * (self.lora_A.dim() - 1)
+        return self.lora_A[: self.r] * lam.view(shape)  # (D, d_in[, kh, kw])
+
+    def active_b(self) -> torch.Tensor:
+        return self.lora_B[:, : self.r]  # (d_out, D[, 1, 1])
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """ΔW = s · B Λ A, shaped like the base weight (fp32)."""
+        a, b = self._scaled_a(), self.active_b()
+        if self.is_conv:
+            return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)  # (d_out, d_in, kh, kw)
+        return b @ a  # (d_out, d_in)
+
+    def export_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) = (A, s · B Λ) truncated to D: a plain LoRA pair with scale 1 that gives the same ΔW."""
+        with torch.no_grad():
+            lam = self.importance() * self.scaling  # (D,)
+            shape = (1, -1) + (1,) * (self.lora_B.dim() - 2)
+            up = self.active_b() * lam.view(shape)  # (d_out, D[, 1, 1])
+            return self.lora_A[: self.r].detach().clone(), up.detach().clone()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ΔW into the base weight (in the base weight's dtype)."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        weight += self.get_delta_weight().to(weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ΔW from the base weight again."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight -= self.get_delta_weight().to(weight.dtype)
+        self.merged = False
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged or self.disable_adapters:
+            return result
+        result_dtype = result.dtype
+        a = self._scaled_a()
+        b = self.active_b()
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.dtype)
+        if self.is_conv:
+            conv = self.base_layer
+            hidden = F.conv2d(x, a, None, conv.stride, conv.padding, conv.dilation)  # (N, D, H', W')
+            update = F.conv2d(hidden, b)  # (N, d_out, H', W')
+        else:
+            update = F.linear(F.linear(x, a), b)  # (..., d_out)
+        return (result + update).to(result_dtype)
+
+    def extra_repr(self) -> str:
+        mode = "adaptive" if self.adaptive else "fixed"
+        return f"name={self.name!r}, r={self.r}, capacity={self.capacity}, {mode}"

@@ -1,0 +1,99 @@
+"""Functions over a whole model holding LoRA² layers: ranks, rank updates, regularization, merging."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from lora2.lora.layer import LoRA2Layer
+from lora2.rank.math import effective_rank_tensor
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRA2Layer]]:
+    """(name, layer) for every LoRA² layer, with names of the wrapped modules (as before injection)."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRA2Layer):
+            yield name, module
+
+
+def ranks(model: nn.Module) -> dict[str, int]:
+    """Current effective rank D of every adapted module, keyed by module name."""
+    return {name: layer.r for name, layer in lora_layers(model)}
+
+
+def nus(model: nn.Module) -> dict[str, float]:
+    """Current ν of every adaptive module."""
+    return {name: layer.nu.item() for name, layer in lora_layers(model) if layer.adaptive}
+
+
+def update_ranks(layers: list[LoRA2Layer]) -> list[tuple[LoRA2Layer, dict, range]]:
+    """Recompute D from ν for every adaptive layer (one device→host sync) and resize those that changed.
+
+    Returns (layer, replaced parameters, new positions) for each layer whose rank changed.
+    """
+    adaptive = [layer for layer in layers if layer.adaptive]
+    if not adaptive:
+        return []
+    with torch.no_grad():
+        device = adaptive[0].log_nu.device
+        nu = torch.stack([layer.log_nu.detach().double() for layer in adaptive]).exp()  # (L,)
+        quantile = torch.tensor([layer.config.quantile for layer in adaptive], device=device)  # (L,)
+        max_rank = torch.tensor([layer.config.max_rank for layer in adaptive], device=device)  # (L,)
+        new_ranks = effective_rank_tensor(nu, quantile, max_rank).tolist()
+    changed = []
+    for layer, rank in zip(adaptive, new_ranks):
+        if rank != layer.r:
+            replaced, grown = layer.set_rank(rank)
+            changed.append((layer, replaced, grown))
+    return changed
+
+
+def rank_regularization(model: nn.Module) -> torch.Tensor:
+    """L_reg = Σ_ℓ |ν_ℓ − ν_target| over adaptive layers (LoRA², L1 reading)."""
+    terms = [(layer.nu - layer.config.nu_target).abs() for _, layer in lora_layers(model) if layer.adaptive]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def weight_regularization(model: nn.Module) -> torch.Tensor:
+    """Gaussian prior Σθ²/2 over the active LoRA weights (AWNN's weight prior with σ = 1)."""
+    terms = [
+        0.5 * (layer.lora_A[: layer.r].square().sum() + layer.active_b().square().sum())
+        for _, layer in lora_layers(model)
+    ]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def regularization(model: nn.Module) -> torch.Tensor:
+    """λ_r · L_reg + λ_w · Σθ²/2, with the weights of the model's LoRA2Config (0 when both are off)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    if not layers:
+        raise ValueError("model holds no LoRA² layers: call lora2.inject(model, config) first")
+    config = layers[0].config
+    total = torch.zeros((), device=layers[0].lora_A.device)
+    if config.rank_reg_weight > 0:
+        total = total + config.rank_reg_weight * rank_regularization(model)
+    if config.weight_reg_weight > 0:
+        total = total + config.weight_reg_weight * weight_regularization(model)
+    return total
+
+
+def merge(model: nn.Module) -> None:
+    """Merge every adapter into its base weight (the model computes the same, faster)."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo ``merge``."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def adapter_parameter_count(model: nn.Module) -> int:
+    """Parameters of the adapters at their current ranks: Σ D·(d_in·k² + d_out)."""
+    total = 0
+    for _, layer in lora_layers(model):
+        total += layer.lora_A[: layer.r].numel() + layer.active_b().numel()
+    return total
