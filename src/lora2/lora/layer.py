@@ -8,6 +8,7 @@ positions just above the current rank D, so parameters, gradients and optimizer 
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ class LoRA2Layer(nn.Module):
         self.disable_adapters = False
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.r = rank
-        capacity = min(_round_up(rank, config.chunk_size), config.max_rank)
+        capacity = self._capacity_for(rank)
         weight = base_layer.weight
         self.lora_A = nn.Parameter(self._new_a_rows(capacity, weight.device))
         self.lora_B = nn.Parameter(torch.zeros(self._b_shape(capacity), device=weight.device))
@@ -74,11 +75,24 @@ class LoRA2Layer(nn.Module):
     def _b_shape(self, cols: int) -> tuple[int, ...]:
         return (self.out_features, cols, 1, 1) if self.is_conv else (self.out_features, cols)
 
-    def _new_a_rows(self, rows: int, device: torch.device) -> torch.Tensor:
+    def _capacity_for(self, rank: int) -> int:
+        # fixed-rank LoRA never grows: it holds exactly its rank, like peft
+        if not self.adaptive:
+            return rank
+        return min(_round_up(rank, self.config.chunk_size), self.config.max_rank)
+
+    def _new_a_rows(self, rows: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
         # peft's default: kaiming_uniform(a=√5) on lora_A, i.e. U(−1/√fan_in, 1/√fan_in)
         fan_in = math.prod(self._a_shape(1)[1:])
         bound = 1.0 / math.sqrt(fan_in)
-        return torch.empty(self._a_shape(rows), device=device).uniform_(-bound, bound)
+        rows = torch.empty(self._a_shape(rows)).uniform_(-bound, bound, generator=generator)
+        return rows.to(device)
+
+    def _growth_generator(self, start: int, stop: int) -> torch.Generator:
+        """RNG for rows that appear when D grows: a function of (module, positions) only, so every DDP process
+        and every resumed run draws the same rows without sharing RNG state."""
+        seed = zlib.crc32(f"{self.name}:{start}:{stop}".encode())
+        return torch.Generator().manual_seed(seed)
 
     # ------------------------------------------------------------------ rank
     @property
@@ -108,19 +122,20 @@ class LoRA2Layer(nn.Module):
         if not 1 <= rank <= self.config.max_rank:
             raise ValueError(f"module {self.name!r}: rank must lie in [1, {self.config.max_rank}], got {rank}")
         old_rank, self.r = self.r, rank
-        needed = min(_round_up(rank, self.config.chunk_size), self.config.max_rank)
+        needed = self._capacity_for(rank)
         replaced = {}
         if needed > self.capacity or needed <= self.capacity - 2 * self.config.chunk_size:
             replaced = self._reallocate(needed)
         grown = range(old_rank, rank) if rank > old_rank else range(0)
         if grown:
-            self.lora_A[grown.start : grown.stop] = self._new_a_rows(len(grown), self.lora_A.device)
+            generator = self._growth_generator(grown.start, grown.stop)
+            self.lora_A[grown.start : grown.stop] = self._new_a_rows(len(grown), self.lora_A.device, generator)
             self.lora_B[:, grown.start : grown.stop] = 0.0
         return replaced, grown
 
     def _reallocate(self, capacity: int) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
         keep = min(capacity, self.capacity)
-        new_a = self._new_a_rows(capacity, self.lora_A.device)
+        new_a = torch.zeros(self._a_shape(capacity), device=self.lora_A.device)
         new_a[:keep] = self.lora_A[:keep]
         new_b = torch.zeros(self._b_shape(capacity), device=self.lora_B.device)
         new_b[:, :keep] = self.lora_B[:, :keep]
