@@ -53,14 +53,15 @@ def test_fixed_rank_layer_equals_plain_lora():
 
 def test_set_rank_keeps_function_when_growing_and_truncates_when_shrinking():
     torch.manual_seed(0)
-    layer = LoRA2Layer(nn.Linear(8, 8), LoRA2Config(init_rank=3, max_rank=64, chunk_size=4), rank=3)
+    config = LoRA2Config(init_rank=3, max_rank=64, chunk_size=4, lambda_scaling="first")
+    layer = LoRA2Layer(nn.Linear(8, 8), config, rank=3)
     _perturb(layer)
     x = torch.randn(2, 8)
     before = layer(x)
     replaced, grown = layer.set_rank(10)
     assert layer.r == 10 and layer.capacity == 12 and set(replaced) == {"lora_A", "lora_B"}
     assert list(grown) == list(range(3, 10))
-    # new B columns are zero, so the function changes only through Λ's values at the old positions (none here)
+    # new B columns are zero and "first" does not renormalise: the function is unchanged
     assert torch.allclose(layer(x), before, atol=1e-6)
     layer.set_rank(9)
     assert layer.capacity == 12  # one spare chunk is kept (hysteresis)
@@ -68,6 +69,18 @@ def test_set_rank_keeps_function_when_growing_and_truncates_when_shrinking():
     assert layer.capacity == 4
     with pytest.raises(ValueError, match="rank must lie"):
         layer.set_rank(65)
+
+
+def test_growth_under_sum_scaling_only_renormalises():
+    torch.manual_seed(0)
+    layer = LoRA2Layer(nn.Linear(8, 8), LoRA2Config(init_rank=16, max_rank=64, lambda_scaling="sum"), rank=16)
+    _perturb(layer)
+    delta = layer.get_delta_weight()
+    mass_before = 1 - torch.exp(-layer.nu * 16)  # F(16): the normalising constant
+    layer.set_rank(24)
+    mass_after = 1 - torch.exp(-layer.nu * 24)
+    # existing positions are rescaled by F(D_old)/F(D_new), new positions add nothing
+    assert torch.allclose(layer.get_delta_weight(), delta * mass_before / mass_after, atol=1e-6)
 
 
 def test_unsupported_modules_are_refused():

@@ -49,6 +49,7 @@ class LoRA2Layer(nn.Module):
         # ν in log space: Adam moves log ν by about lr per step, so ranks travel multiplicatively (docs/DESIGN.md)
         log_nu = math.log(nu_for_rank(rank, config.quantile))
         self.log_nu = nn.Parameter(torch.tensor(log_nu, device=weight.device), requires_grad=self.adaptive)
+        self.register_buffer("_positions", torch.arange(capacity, device=weight.device, dtype=torch.float32), False)
 
     # ------------------------------------------------------------------ shapes and initialisation
     @property
@@ -103,7 +104,7 @@ class LoRA2Layer(nn.Module):
         """λ_1..λ_D, the diagonal of Λ (ones for fixed-rank LoRA, the ν → 0 limit of "first" scaling)."""
         if not self.adaptive:
             return torch.ones(self.r, device=self.lora_A.device)
-        return importance(self.nu, self.r, self.config.lambda_scaling)  # (D,)
+        return importance(self.nu, self.r, self.config.lambda_scaling, self._positions)  # (D,)
 
     def target_rank_from_nu(self) -> int:
         """The effective rank D that ν currently implies (the fixed rank for fixed-rank LoRA)."""
@@ -140,19 +141,27 @@ class LoRA2Layer(nn.Module):
         new_b = torch.zeros(self._b_shape(capacity), device=self.lora_B.device)
         new_b[:, :keep] = self.lora_B[:, :keep]
         old_a, old_b = self.lora_A, self.lora_B
+        self._positions = torch.arange(capacity, device=old_a.device, dtype=torch.float32)
         self.lora_A = nn.Parameter(new_a, requires_grad=old_a.requires_grad)
         self.lora_B = nn.Parameter(new_b, requires_grad=old_b.requires_grad)
         return {"lora_A": (old_a, self.lora_A), "lora_B": (old_b, self.lora_B)}
 
     # ------------------------------------------------------------------ weights
     def _scaled_a(self) -> torch.Tensor:
-        """s · Λ A over the active positions: folding Λ and s into A keeps the forward at peft's cost."""
-        lam = self.importance() * self.scaling  # (D,)
-        shape = (-1,) + (1,) * (self.lora_A.dim() - 1)
-        return self.lora_A[: self.r] * lam.view(shape)  # (D, d_in[, kh, kw])
+        """s · Λ A over the active positions: folding Λ and s into A keeps the activation path at peft's cost.
+
+        Written for few kernel launches: at batch 1 an SDXL step is bound by launch overhead, not FLOPs.
+        """
+        a = self.lora_A if self.r == self.capacity else self.lora_A[: self.r]  # (D, d_in[, kh, kw])
+        if not self.adaptive:
+            return a if self.scaling == 1.0 else a * self.scaling
+        lam = self.importance()  # (D,)
+        if self.scaling != 1.0:
+            lam = lam * self.scaling
+        return a * lam.view((-1,) + (1,) * (a.dim() - 1))
 
     def active_b(self) -> torch.Tensor:
-        return self.lora_B[:, : self.r]  # (d_out, D[, 1, 1])
+        return self.lora_B if self.r == self.capacity else self.lora_B[:, : self.r]  # (d_out, D[, 1, 1])
 
     def get_delta_weight(self) -> torch.Tensor:
         """ΔW = s · B Λ A, shaped like the base weight (fp32)."""
