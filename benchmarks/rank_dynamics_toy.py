@@ -66,8 +66,16 @@ def main() -> None:
         rows.append(run(scaling, nu_lr, weight_reg, true_rank, init_rank))
         print(rows[-1], flush=True)
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"command": "python benchmarks/rank_dynamics_toy.py", "rows": rows,
-                               "seconds": round(time.time() - start, 1)}, indent=2))
+    OUT.write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/rank_dynamics_toy.py",
+                "rows": rows,
+                "seconds": round(time.time() - start, 1),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

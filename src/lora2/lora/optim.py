@@ -12,8 +12,8 @@ import logging
 import weakref
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lora2.lora.layer import LoRA2Layer
 from lora2.lora.model import update_ranks
