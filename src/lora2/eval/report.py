@@ -1,0 +1,331 @@
+"""`lora2 report DIR`: the paper-style results table and plots of a ``lora2 bench`` folder.
+
+Reads every ``cells/<subject>/<method>/seed<k>/`` (status.json, run/eval.json, the adapter) and writes
+``DIR/report.md`` with the table (rows: methods; DINO, CLIP-I, CLIP-T as mean ± std over subjects × seeds; adapter
+size in GiB of fp32 parameters; mean rank over layers; training time) and the PNG plots:
+
+- ``pareto.png``: each metric against adapter size (log scale), one point per method with its spread;
+- ``rank_heatmap_<subject>.png``: per-layer ranks of the learned-rank methods (rows: layers; columns: method/seed);
+- ``rank_vs_complexity.png``: total rank of each learned-rank cell against its subject's complexity (world subjects:
+  ``subjects.json`` beside the subject folders);
+- ``rank_by_block.png``: mean rank by UNet block (down/mid/up) and by attention type (attn1 self / attn2 cross ×
+  to_q/to_k/to_v/to_out).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lora2.eval.bench import ADAPTER_FILE, method_registry  # noqa: E402
+from lora2.eval.evaluate import METRICS, adapter_summary  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+METRIC_TITLES = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
+BLOCKS = ("down", "mid", "up")
+ATTENTIONS = ("attn1", "attn2")
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
+
+
+@dataclass
+class CellResult:
+    """What one finished (or failed) cell contributed."""
+
+    subject: str
+    method: str
+    seed: int
+    state: str
+    error: str | None = None
+    scores: dict[str, float] = field(default_factory=dict)  # metric -> subject mean over prompts
+    ranks: dict[str, int] = field(default_factory=dict)
+    size_gb: float | None = None
+    mean_rank: float | None = None
+    train_seconds: float | None = None
+
+
+def collect(folder: str | Path) -> list[CellResult]:
+    """Every cell of a bench folder, with its scores and adapter ranks where available."""
+    folder = Path(folder)
+    cells_dir = folder / "cells"
+    if not cells_dir.is_dir():
+        raise ValueError(f"{folder} is not a lora2 bench folder (no cells/ inside)")
+    results = []
+    for status_path in sorted(cells_dir.glob("*/*/seed*/status.json")):
+        status = json.loads(status_path.read_text(encoding="utf-8"))
+        cell = CellResult(
+            subject=status["subject"],
+            method=status["method"],
+            seed=int(status["seed"]),
+            state=status["state"],
+            error=status.get("error"),
+            train_seconds=status.get("train_seconds"),
+        )
+        run = status_path.parent / "run"
+        eval_path = run / "eval.json"
+        adapter = None
+        if eval_path.is_file():
+            evaluation = json.loads(eval_path.read_text(encoding="utf-8"))
+            cell.scores = {metric: evaluation["summary"][metric]["mean"] for metric in METRICS}
+            adapter = evaluation.get("adapter")
+        if adapter is None and (run / ADAPTER_FILE).is_file():
+            adapter = adapter_summary(run / ADAPTER_FILE)
+        if adapter is not None:
+            cell.ranks, cell.size_gb, cell.mean_rank = adapter["ranks"], adapter["size_gb_fp32"], adapter["mean_rank"]
+        results.append(cell)
+    if not results:
+        raise ValueError(f"{cells_dir} holds no cells (no status.json): run lora2 bench first")
+    return results
+
+
+def _ordered_methods(results: list[CellResult]) -> list[str]:
+    known = list(method_registry())
+    present = {r.method for r in results}
+    return [m for m in known if m in present] + sorted(present - set(known))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float] | None:
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(pair: tuple[float, float] | None, digits: int = 3) -> str:
+    return "–" if pair is None else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def method_table(results: list[CellResult]) -> list[dict]:
+    """One row per method: metric mean/std over evaluated cells, size, rank, time, cell counts."""
+    rows = []
+    for method in _ordered_methods(results):
+        cells = [r for r in results if r.method == method]
+        scored = [r for r in cells if r.scores]
+        row = {
+            "method": method,
+            "cells": len(cells),
+            "evaluated": len(scored),
+            "failed": sum(r.state == "failed" for r in cells),
+            "unsupported": next((r.error for r in cells if r.state == "unsupported"), None),
+            "size_gb": _mean_std([r.size_gb for r in cells if r.size_gb is not None]),
+            "mean_rank": _mean_std([r.mean_rank for r in cells if r.mean_rank is not None]),
+            "train_minutes": _mean_std([r.train_seconds / 60 for r in cells if r.train_seconds is not None]),
+        }
+        for metric in METRICS:
+            row[metric] = _mean_std([r.scores[metric] for r in scored])
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The paper-style table (best mean of each metric in bold)."""
+    best = {m: max((r[m][0] for r in rows if r[m]), default=None) for m in METRICS}
+    header = "| Method | DINO ↑ | CLIP-I ↑ | CLIP-T ↑ | Size (GB fp32) | Mean rank | Train time (min) | Cells |"
+    lines = [header, "|" + "---|" * 8]
+    for row in rows:
+        if row["unsupported"]:
+            lines.append(f"| {row['method']} | unsupported: {row['unsupported']} |{' – |' * 5} 0/{row['cells']} |")
+            continue
+        metrics = []
+        for metric in METRICS:
+            text = _fmt(row[metric])
+            metrics.append(f"**{text}**" if row[metric] and row[metric][0] == best[metric] else text)
+        size = "–" if row["size_gb"] is None else f"{row['size_gb'][0]:.4g}"
+        rank = "–" if row["mean_rank"] is None else f"{row['mean_rank'][0]:.1f}"
+        cells = f"{row['evaluated']}/{row['cells']}" + (f" ({row['failed']} failed)" if row["failed"] else "")
+        minutes = _fmt(row["train_minutes"], 1)
+        lines.append(f"| {row['method']} | {' | '.join(metrics)} | {size} | {rank} | {minutes} | {cells} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- layer classification
+def layer_block(module: str) -> str | None:
+    """ "down", "mid" or "up" for a UNet module name (diffusers or kohya spelling), else None."""
+    match = re.search(r"(down_blocks|mid_block|up_blocks)", module)
+    return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}[match.group(1)] if match else None
+
+
+def layer_attention(module: str) -> tuple[str, str] | None:
+    """(``attn1`` | ``attn2``, ``to_q`` | ``to_k`` | ``to_v`` | ``to_out``) of an attention projection, else None."""
+    match = re.search(r"(attn[12])[._](to_q|to_k|to_v|to_out)", module)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def _learned(results: list[CellResult]) -> list[CellResult]:
+    """Cells whose ranks differ between layers (learned-rank or truncated methods)."""
+    return [r for r in results if r.ranks and (len(set(r.ranks.values())) > 1 or r.method.startswith("lora2"))]
+
+
+# ---------------------------------------------------------------------- plots
+def plot_pareto(rows: list[dict], path: Path) -> None:
+    """Each metric against adapter size, one point per method (error bars: std over subjects × seeds)."""
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
+    for ax, metric in zip(axes, METRICS):
+        for row in rows:
+            if row[metric] is None or row["size_gb"] is None:
+                continue
+            fixed = row["method"].startswith("fixed-")
+            ax.errorbar(
+                row["size_gb"][0], row[metric][0], yerr=row[metric][1], fmt="o" if fixed else "*",
+                markersize=6 if fixed else 11, capsize=3, label=row["method"],
+            )  # fmt: skip
+            ax.annotate(row["method"], (row["size_gb"][0], row[metric][0]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("adapter size (GB, fp32)")
+        ax.set_title(METRIC_TITLES[metric])
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_rank_heatmap(subject: str, cells: list[CellResult], path: Path) -> None:
+    """Rows: layers (UNet order as named); columns: method/seed; colour: rank (log scale)."""
+    modules = sorted({m for c in cells for m in c.ranks})
+    columns = sorted(cells, key=lambda c: (c.method, c.seed))
+    matrix = np.array([[c.ranks.get(m, np.nan) for c in columns] for m in modules], dtype=float)  # (layers, cells)
+    fig, ax = plt.subplots(figsize=(4 + 0.6 * len(columns), min(24.0, 2 + 0.12 * len(modules))))
+    image = ax.imshow(np.log2(matrix), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(columns)), [f"{c.method}\nseed {c.seed}" for c in columns], rotation=90, fontsize=7)
+    step = max(1, len(modules) // 150)  # SDXL has ~700 attention projections: label at most ~150 rows
+    ax.set_yticks(range(0, len(modules), step), modules[::step], fontsize=3 if step > 1 or len(modules) > 150 else 7)
+    fig.colorbar(image, ax=ax, label="log2 rank")
+    ax.set_title(f"per-layer rank: {subject}")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def subject_complexity(bench_dir: Path) -> dict[str, float]:
+    """Subject → complexity from ``subjects.json`` beside the bench's subject folders (world subjects), if any."""
+    grid_path = bench_dir / "bench.json"
+    if not grid_path.is_file():
+        return {}
+    folders = json.loads(grid_path.read_text(encoding="utf-8")).get("subject_folders", {})
+    complexity: dict[str, float] = {}
+    for root in {Path(f).parent for f in folders.values()}:
+        path = root / "subjects.json"
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        entries = data.get("subjects", data) if isinstance(data, dict) else data
+        items = entries.items() if isinstance(entries, dict) else ((e.get("name"), e) for e in entries)
+        for name, entry in items:
+            if isinstance(entry, dict) and "complexity" in entry:
+                complexity[name] = float(entry["complexity"])
+    return complexity
+
+
+def plot_rank_vs_complexity(cells: list[CellResult], complexity: dict[str, float], path: Path) -> None:
+    """Total rank of each learned-rank cell against its subject's complexity, one colour per method."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in sorted({c.method for c in cells}):
+        points = [(complexity[c.subject], sum(c.ranks.values())) for c in cells if c.method == method]
+        ax.scatter(*zip(*points), label=method, alpha=0.8)
+    ax.set_xlabel("subject complexity")
+    ax.set_ylabel("total rank (sum over layers)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def rank_breakdown(cells: list[CellResult]) -> dict[str, dict[str, float]]:
+    """Method → {"down"/"mid"/"up"/"attn1.to_q"/…: mean rank over the method's cells and matching layers}."""
+    out: dict[str, dict[str, float]] = {}
+    for method in sorted({c.method for c in cells}):
+        groups: dict[str, list[int]] = {}
+        for cell in (c for c in cells if c.method == method):
+            for module, rank in cell.ranks.items():
+                block, attention = layer_block(module), layer_attention(module)
+                if block:
+                    groups.setdefault(block, []).append(rank)
+                if attention:
+                    groups.setdefault(".".join(attention), []).append(rank)
+        out[method] = {key: statistics.fmean(values) for key, values in groups.items()}
+    return out
+
+
+def plot_rank_breakdown(breakdown: dict[str, dict[str, float]], path: Path) -> None:
+    """Grouped bars: mean rank by block, and by attention type × projection."""
+    attention_keys = [f"{a}.{p}" for a in ATTENTIONS for p in PROJECTIONS]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [1, 2.5]})
+    for ax, keys, title in (
+        (axes[0], BLOCKS, "by UNet block"),
+        (axes[1], attention_keys, "by attention (1 self, 2 cross)"),
+    ):
+        width = 0.8 / max(1, len(breakdown))
+        for i, (method, values) in enumerate(breakdown.items()):
+            heights = [values.get(k, 0.0) for k in keys]
+            ax.bar(np.arange(len(keys)) + i * width, heights, width, label=method)
+        ax.set_xticks(np.arange(len(keys)) + width * (len(breakdown) - 1) / 2, keys, rotation=30, fontsize=8)
+        ax.set_ylabel("mean rank")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- the report
+def report(folder: str | Path) -> Path:
+    """Write ``report.md`` and the PNG plots into a bench folder; returns the Markdown path."""
+    folder = Path(folder)
+    results = collect(folder)
+    rows = method_table(results)
+    sections = [
+        "# LoRA² benchmark report",
+        "",
+        f"Bench folder `{folder}`: {len({r.subject for r in results})} subject(s), {len({r.seed for r in results})} "
+        f"seed(s), {len(rows)} method(s). Metrics are mean ± std over subjects × seeds (each cell: mean over its "
+        "prompts). Size: LoRA parameters in fp32, GiB. Mean rank: over adapted layers.",
+        "",
+        markdown_table(rows),
+        "",
+    ]
+    plt.rcParams.update({"figure.max_open_warning": 0})
+    plot_pareto(rows, folder / "pareto.png")
+    sections += ["## Quality against size", "", "![pareto](pareto.png)", ""]
+
+    learned = [r for r in _learned(results) if r.ranks]
+    if learned:
+        sections += ["## Where the rank goes", ""]
+        for subject in sorted({c.subject for c in learned}):
+            name = f"rank_heatmap_{re.sub(r'[^A-Za-z0-9_.-]+', '_', subject)}.png"
+            plot_rank_heatmap(subject, [c for c in learned if c.subject == subject], folder / name)
+            sections.append(f"![{subject}]({name})")
+        breakdown = rank_breakdown(learned)
+        plot_rank_breakdown(breakdown, folder / "rank_by_block.png")
+        sections += ["", "![rank by block](rank_by_block.png)", ""]
+        complexity = subject_complexity(folder)
+        with_complexity = [c for c in learned if c.subject in complexity]
+        if with_complexity:
+            plot_rank_vs_complexity(with_complexity, complexity, folder / "rank_vs_complexity.png")
+            sections += ["![rank vs complexity](rank_vs_complexity.png)", ""]
+        else:
+            sections += ["(No subject complexity known: rank-vs-complexity plot skipped.)", ""]
+
+    problems = [r for r in results if r.state in ("failed", "interrupted", "pending", "running", "retrying")]
+    if problems:
+        sections += ["## Unfinished or failed cells", ""]
+        for r in problems:
+            first_line = (r.error or "").strip().splitlines()[0] if r.error else ""
+            sections.append(
+                f"- `{r.subject}/{r.method}/seed{r.seed}`: {r.state}" + (f": {first_line}" if first_line else "")
+            )
+        sections.append("")
+    path = folder / "report.md"
+    path.write_text("\n".join(sections), encoding="utf-8")
+    logger.info("report -> %s", path)
+    return path

@@ -1,0 +1,196 @@
+"""`lora2 bench` with stand-in jobs: grid layout, resumability, a crashing cell recorded, dependencies, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lora2.cli import main
+from lora2.eval.bench import RESIZE_COMMAND, Bench, BenchConfig, bench, method_registry, resolve_methods
+from lora2.eval.evaluate import adapter_summary
+from lora2.eval.report import report
+
+FAKE = [sys.executable, str(Path(__file__).parent / "fake_jobs.py")]
+
+
+def _config(out: Path, dreambooth_root: Path, methods: list[str], **overrides) -> BenchConfig:
+    values = dict(
+        subjects=["toy1"], methods=methods, out=str(out), seeds=[0, 1], data_root=str(dreambooth_root), steps=2,
+        base="hub-org/some-model",
+        gpus=[], cpu_jobs=2, poll_seconds=0.05, train_command=[*FAKE, "train"], eval_command=[*FAKE, "eval"],
+        resize_command=[*FAKE, "resize"],
+    )  # fmt: skip
+    return BenchConfig(**{**values, **overrides})
+
+
+def _calls(path: Path) -> list[list[str]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_bench_resumes_and_records_a_crash(tmp_path, dreambooth_root, monkeypatch):
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    monkeypatch.setenv("FAKE_CRASH_RANK", "16")
+    out = tmp_path / "bench"
+    states = bench(_config(out, dreambooth_root, ["fixed-8", "fixed-16", "lora2", "adalora"]))
+    assert states == {"done": 4, "failed": 2, "unsupported": 2}
+
+    cell = out / "cells" / "toy1" / "fixed-16" / "seed0"
+    status = json.loads((cell / "status.json").read_text())
+    assert status["state"] == "failed" and len(status["attempts"]) == 2  # retried once
+    assert "exit code 1" in status["error"] and "CUDA out of memory (fake)" in status["error"]
+    assert not (cell / "train.done").exists()
+    trains = [c for c in _calls(calls) if c[0] == "train"]
+    assert len(trains) == 2 * 2 + 2 * 2  # fixed-8 and lora2 once per seed, fixed-16 twice per seed
+    assert "--rank-mode" in trains[0] and "--max-train-steps" in trains[0] and "--device" in trains[0]
+    log = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "failed" for e in log) == 2 and sum(e["event"] == "unsupported" for e in log) == 2
+    adalora = json.loads((out / "cells" / "toy1" / "adalora" / "seed0" / "status.json").read_text())
+    assert adalora["state"] == "unsupported" and "AdaLoRA" in adalora["error"]
+    assert (out / "cells" / "toy1" / "lora2" / "seed1" / "run" / "eval.json").is_file()
+
+    # second call: finished cells and recorded failures are skipped, nothing is run again
+    calls.unlink()
+    assert bench(_config(out, dreambooth_root, ["fixed-8", "fixed-16", "lora2", "adalora"])) == states
+    assert _calls(calls) == []
+    # --retry-failed reruns only the failed cells
+    monkeypatch.delenv("FAKE_CRASH_RANK")
+    states = bench(_config(out, dreambooth_root, ["fixed-8", "fixed-16", "lora2"], retry_failed=True))
+    assert states == {"done": 6}
+    assert sorted(c[0] for c in _calls(calls)) == ["eval", "eval", "train", "train"]
+
+
+def test_interrupted_eval_is_rerun_but_training_is_not(tmp_path, dreambooth_root, monkeypatch):
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    out = tmp_path / "bench"
+    bench(_config(out, dreambooth_root, ["fixed-8"], seeds=[0]))
+    (out / "cells" / "toy1" / "fixed-8" / "seed0" / "eval.done").unlink()
+    calls.unlink()
+    assert bench(_config(out, dreambooth_root, ["fixed-8"], seeds=[0])) == {"done": 1}
+    assert [c[0] for c in _calls(calls)] == ["eval"]
+
+
+def test_svd_cell_waits_for_its_dependencies(tmp_path, dreambooth_root, monkeypatch):
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    out = tmp_path / "bench"
+    methods = ["fixed-512", "lora2", "svd-512-lora2-ranks"]
+    states = bench(_config(out, dreambooth_root, methods, seeds=[0], resize_command=list(RESIZE_COMMAND)))
+    assert states == {"done": 3}
+    svd = adapter_summary(out / "cells/toy1/svd-512-lora2-ranks/seed0/run/pytorch_lora_weights.safetensors")
+    lora2 = adapter_summary(out / "cells/toy1/lora2/seed0/run/pytorch_lora_weights.safetensors")
+    assert svd["ranks"] == lora2["ranks"] and len(svd["ranks"]) == 24
+    assert (out / "cells/toy1/svd-512-lora2-ranks/seed0/train.done").is_file()
+
+    path = report(out)
+    text = path.read_text()
+    assert "| svd-512-lora2-ranks |" in text and "| fixed-512 |" in text
+    for png in ("pareto.png", "rank_by_block.png", "rank_heatmap_toy1.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_svd_cell_fails_when_a_dependency_fails(tmp_path, dreambooth_root, monkeypatch):
+    monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setenv("FAKE_CRASH_RANK", "512")
+    out = tmp_path / "bench"
+    states = bench(_config(out, dreambooth_root, ["fixed-512", "lora2", "svd-512-to-lora2"], seeds=[0]))
+    assert states == {"done": 1, "failed": 2}
+    status = json.loads((out / "cells/toy1/svd-512-to-lora2/seed0/status.json").read_text())
+    assert "dependency failed: toy1/fixed-512/seed0:train" in status["error"]
+    assert "exit code 1" in json.loads((out / "cells/toy1/fixed-512/seed0/status.json").read_text())["error"]
+
+
+def test_time_limit_interrupts_and_the_next_call_resumes(tmp_path, dreambooth_root, monkeypatch):
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    out = tmp_path / "bench"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    states = bench(_config(out, dreambooth_root, ["fixed-8"], seeds=[0], train_command=sleeper, time_limit=0.5))
+    assert states == {"interrupted": 1}
+    assert bench(_config(out, dreambooth_root, ["fixed-8"], seeds=[0])) == {"done": 1}
+
+
+def test_bad_input_before_any_job(tmp_path, dreambooth_root, monkeypatch):
+    monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
+    with pytest.raises(ValueError, match="unknown method.*'fixed-7'.*known: fixed-8"):
+        bench(_config(tmp_path / "b", dreambooth_root, ["fixed-7"]))
+    with pytest.raises(ValueError, match="needs \\['fixed-512'\\]"):
+        resolve_methods(["lora2", "svd-512-to-lora2"])
+    with pytest.raises(ValueError, match="neither a folder nor a subject"):
+        bench(_config(tmp_path / "b", dreambooth_root, ["fixed-8"], subjects=["nobody"]))
+    empty = tmp_path / "db"
+    (empty / "thing").mkdir(parents=True)
+    (empty / "prompts_and_classes.txt").write_text((dreambooth_root / "prompts_and_classes.txt").read_text())
+    with pytest.raises(ValueError, match="not in the Classes table"):
+        bench(_config(tmp_path / "b", dreambooth_root, ["fixed-8"], subjects=[str(empty / "thing")]))
+    with pytest.raises(ValueError, match="evaluator folder /nowhere/dino"):
+        bench(_config(tmp_path / "b", dreambooth_root, ["fixed-8"], eval_args=["dino_model=/nowhere/dino"]))
+    import lora2.world
+
+    monkeypatch.setattr(lora2.world, "info", lambda materialize=True: {"base_model": "/w", "ready": {}})
+    with pytest.raises(ValueError, match="no base model: give --base"):
+        bench(_config(tmp_path / "b", dreambooth_root, ["fixed-8"], base=None))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "calls.jsonl").exists()
+    assert main(["bench", "--subjects", "toy1", "--data-root", str(dreambooth_root), "--methods", "nope",
+                 "--out", str(tmp_path / "b")]) == 2  # fmt: skip
+
+
+def test_registry_has_the_issue_methods():
+    names = set(method_registry())
+    assert {f"fixed-{r}" for r in (8, 16, 32, 64, 128, 256, 512)} <= names
+    assert {"lora2", "lora2-noreg", "lora2-noentropy", "svd-512-to-lora2", "adalora", "dora"} <= names
+    registry = method_registry()
+    assert registry["lora2-noreg"].train_args["rank_reg_weight"] == 0.0
+    assert (
+        registry["lora2-noentropy"].train_args["entropy_weight"]
+        == 0.0
+        < registry["lora2"].train_args["entropy_weight"]
+    )
+
+
+def test_sigterm_stops_the_jobs_and_records_them(tmp_path, dreambooth_root):
+    out, pid_file = tmp_path / "bench", tmp_path / "child.pid"
+    sleeper = [
+        sys.executable,
+        "-c",
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)",
+    ]
+    config = _config(out, dreambooth_root, ["fixed-8"], seeds=[0], train_command=sleeper)
+    script = f"from lora2.eval.bench import BenchConfig, bench; bench(BenchConfig(**{config.__dict__!r}))"
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.time() < deadline and parent.poll() is None
+        time.sleep(0.1)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=60) == 0
+    status = json.loads((out / "cells/toy1/fixed-8/seed0/status.json").read_text())
+    assert status["state"] == "interrupted"
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+
+def test_slots_follow_visible_gpus(tmp_path, dreambooth_root, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,GPU-abc,-1,3")
+    runner = Bench(_config(tmp_path / "b", dreambooth_root, ["fixed-8"], gpus=None, jobs_per_gpu=2))
+    assert runner._slots() == ["2", "2", "GPU-abc", "GPU-abc"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert runner._slots() == [None, None]  # cpu_jobs=2
+    assert Bench(_config(tmp_path / "b", dreambooth_root, ["fixed-8"], gpus=[1, 0]))._slots() == ["1", "0"]
+
+
+def test_changed_protocol_is_refused(tmp_path, dreambooth_root, monkeypatch):
+    monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
+    out = tmp_path / "bench"
+    bench(_config(out, dreambooth_root, ["fixed-8"], seeds=[0]))
+    with pytest.raises(ValueError, match="other settings \\(steps: 2 -> 3\\)"):
+        bench(_config(out, dreambooth_root, ["fixed-8"], seeds=[0], steps=3))
+    assert bench(_config(out, dreambooth_root, ["fixed-8", "lora2"], seeds=[0, 1])) == {"done": 4}  # grid may grow

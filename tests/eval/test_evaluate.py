@@ -1,0 +1,121 @@
+"""`lora2 eval` on a tiny random SDXL pipeline: runs, writes JSON, is reproducible; bad inputs fail early."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from lora2.cli import main
+from lora2.eval.evaluate import EvalConfig, adapter_summary, default_base, evaluate, find_adapter, resolve_evaluators
+from lora2.eval.metrics import DEFAULT_CLIP, DEFAULT_DINO
+
+
+def _config(tiny_sdxl, tiny_adapter, dreambooth_root, evaluators, tmp_path, **overrides):
+    dino, clip = evaluators
+    values = dict(
+        base=str(tiny_sdxl),
+        lora=str(tiny_adapter),
+        subject=str(dreambooth_root / "pup"),
+        num_images=1,
+        max_prompts=1,
+        num_inference_steps=2,
+        dino_model=str(dino),
+        clip_model=str(clip),
+        resolution=32,
+        output=str(tmp_path / "eval.json"),
+    )
+    return EvalConfig(**{**values, **overrides})
+
+
+def test_eval_writes_json_and_is_deterministic(tiny_sdxl, tiny_adapter, dreambooth_root, evaluators, tmp_path):
+    result = evaluate(_config(tiny_sdxl, tiny_adapter, dreambooth_root, evaluators, tmp_path))
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["summary"] == result["summary"]
+    assert saved["per_prompt"][0]["prompt"] == "a sks dog wearing a red hat"
+    assert saved["per_prompt"][0]["prompt_without_identifier"] == "a dog wearing a red hat"
+    for metric in ("dino", "clip_i", "clip_t"):
+        assert -1.0 <= saved["summary"][metric]["mean"] <= 1.0
+    assert saved["adapter"]["mean_rank"] == pytest.approx(3.5)
+    again = evaluate(
+        _config(tiny_sdxl, tiny_adapter, dreambooth_root, evaluators, tmp_path, output=str(tmp_path / "b.json"))
+    )
+    assert again["per_prompt"] == result["per_prompt"]
+
+
+def test_eval_from_run_folder_via_cli(tiny_sdxl, tiny_adapter, dreambooth_root, evaluators, tmp_path):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    shutil.copy(tiny_adapter, run / "final" / "pytorch_lora_weights.safetensors")
+    config = {
+        "base": str(tiny_sdxl),
+        "instance_data_dir": str(dreambooth_root / "toy1"),
+        "identifier": "zwx",
+        "resolution": 32,
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    dino, clip = evaluators
+    code = main(
+        [
+            "eval",
+            "--run",
+            str(run),
+            "--num-images",
+            "1",
+            "--max-prompts",
+            "1",
+            "--num-inference-steps",
+            "1",
+            "--dino-model",
+            str(dino),
+            "--clip-model",
+            str(clip),
+        ]
+    )
+    assert code == 0
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["subject"] == "toy1" and saved["per_prompt"][0]["prompt"] == "a zwx toy in the jungle"
+
+
+def test_adapter_summary_counts_ranks_and_size(tiny_adapter):
+    summary = adapter_summary(tiny_adapter)
+    assert set(summary["ranks"].values()) == {2, 5}
+    assert all(name.startswith(("down_blocks", "mid_block", "up_blocks")) for name in summary["ranks"])
+    assert summary["size_gb_fp32"] == pytest.approx(summary["parameters"] * 4 / 2**30)
+
+
+def test_bad_inputs_fail_before_loading_models(tmp_path, dreambooth_root, tiny_adapter):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ValueError, match="no adapter"):
+        find_adapter(tmp_path / "run")
+    with pytest.raises(ValueError, match="no training config"):
+        evaluate(EvalConfig(run=str(tmp_path / "run")))
+    with pytest.raises(ValueError, match="give --run"):
+        EvalConfig(lora=str(tiny_adapter))
+    empty = tmp_path / "db"
+    shutil.copytree(dreambooth_root, empty)
+    for image in (empty / "pup").iterdir():
+        image.unlink()
+    with pytest.raises(ValueError, match="no images"):
+        evaluate(EvalConfig(base="unused", lora=str(tiny_adapter), subject=str(empty / "pup")))
+    assert main(["eval", "--run", str(tmp_path / "run")]) == 2
+
+
+def test_world_subjects_use_the_world_evaluators(dreambooth_root, tmp_path, monkeypatch):
+    import lora2.world
+
+    fake = {
+        "subjects_dir": str(dreambooth_root),
+        "clip_evaluator": "/w/clip",
+        "dino_evaluator": "/w/dino",
+        "base_model": "/w/base",
+        "ready": {"subjects_dir": True, "clip_evaluator": True, "dino_evaluator": True},
+    }
+    monkeypatch.setattr(lora2.world, "info", lambda materialize=True: fake)
+    assert resolve_evaluators(dreambooth_root / "pup", None, None) == ("/w/dino", "/w/clip")
+    assert resolve_evaluators(dreambooth_root / "pup", "mine", None) == ("mine", "/w/clip")
+    assert resolve_evaluators(tmp_path / "elsewhere", None, None) == (DEFAULT_DINO, DEFAULT_CLIP)
+    with pytest.raises(ValueError, match="no base model"):  # base_model not ready
+        default_base()
