@@ -1,9 +1,17 @@
-"""Adapter files: diffusers/peft and kohya formats, plus lora2 metadata (being written)."""
+"""Adapter files: diffusers, kohya and peft formats that standard loaders read, plus the lora2 header and the
+lora2-native training state. See ``lora2.export.api`` for the design."""
 
+from lora2.export.adapter import Adapter, AdapterFile, LoraModule
+from lora2.export.api import default_component, load_lora, save_lora
+from lora2.export.formats import read_adapter, write_adapter
 
-def save_lora(model, path, format="diffusers"):  # noqa: D103 - placeholder until the export module lands
-    raise NotImplementedError
-
-
-def load_lora(model, path):  # noqa: D103
-    raise NotImplementedError
+__all__ = [
+    "Adapter",
+    "AdapterFile",
+    "LoraModule",
+    "default_component",
+    "load_lora",
+    "read_adapter",
+    "save_lora",
+    "write_adapter",
+]

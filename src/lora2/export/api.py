@@ -1,0 +1,357 @@
+"""``save_lora`` and ``load_lora``: LoRA² models to and from adapter files.
+
+Design:
+
+- Standard files (diffusers, kohya, peft) hold each module's plain LoRA pair from ``LoRA2Layer.export_weights``:
+  ``down = A[:D]``, ``up = s · B[:, :D] · Λ`` (scale 1), truncated to the module's own rank D, so diffusers, peft,
+  A1111 and ComfyUI reproduce the trained model exactly. They also carry the ``lora2`` header entry
+  (``lora2.export.metadata``) with ν (as log ν, exact), D and the LoRA2Config. No extra tensors are added: diffusers'
+  and kohya loaders reject unknown keys.
+- ``load_lora`` into a LoRA² model sets D (``set_rank``), restores ν from the header and recovers
+  ``B = up / (s·λ(ν))``: ranks and ν are exact, ΔW is exact up to one fp32 rounding of B.
+- ``format="lora2"`` writes the unbaked A, B and log ν as trained (``lora2.export.native``), for bit-exact resumption.
+- Files of other tools (no lora2 header) load as fixed-rank LoRA (Λ = I, scale 1) into a plain model; into an
+  adaptive LoRA² model they load with ν set to the middle of the file rank's ν interval, so training can continue
+  adaptively from the file's function. kohya files in sd-scripts' SGM spelling (``input_blocks_4_1_…``) are mapped
+  to diffusers module names with diffusers' own conversion.
+- Per-format details: ``diffusers`` (peft metadata header), ``kohya`` (one alpha per file), ``peft`` (directories),
+  ``names`` (text-encoder spellings).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lora2.export.adapter import AdapterFile, LoraModule
+from lora2.export.files import write_safetensors
+from lora2.export.formats import check_format, output_path, read_adapter, write_adapter
+from lora2.export.kohya import SGM_BLOCKS, sgm_to_diffusers
+from lora2.export.metadata import build_header
+from lora2.export.names import is_flat_clip, resolver, to_file_name, underscore
+from lora2.export.native import to_state_dict as native_state_dict
+from lora2.inject import inject
+from lora2.lora.config import LoRA2Config
+from lora2.lora.layer import LoRA2Layer
+from lora2.lora.model import lora_layers
+from lora2.rank.math import nu_for_rank
+
+logger = logging.getLogger(__name__)
+
+Models = nn.Module | dict[str, nn.Module]
+
+
+def default_component(model: nn.Module) -> str:
+    """The diffusers component name of a model given alone: text encoders, transformer backbones, else "unet"."""
+    cls = type(model)
+    if cls.__name__ == "CLIPTextModelWithProjection":
+        return "text_encoder_2"
+    if cls.__module__.startswith("transformers."):
+        return "text_encoder"
+    if cls.__module__.startswith("diffusers.") and "Transformer" in cls.__name__:
+        return "transformer"
+    return "unet"
+
+
+def _components(model: Models) -> dict[str, nn.Module]:
+    if isinstance(model, nn.Module):
+        return {default_component(model): model}
+    if (
+        isinstance(model, dict)
+        and model
+        and all(isinstance(k, str) and isinstance(v, nn.Module) for k, v in model.items())
+    ):
+        return dict(model)
+    raise ValueError(
+        f"model must be an nn.Module or a non-empty dict of component name → nn.Module, got {model!r:.80}"
+    )
+
+
+def save_lora(
+    model: Models,
+    path: str | Path,
+    format: str = "diffusers",
+    metadata: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write the LoRA² adapters of ``model`` as a LoRA file that standard loaders reproduce exactly.
+
+    Args:
+        model: a model injected with ``lora2.inject``, or a dict of component name → model, e.g.
+            ``{"unet": unet, "text_encoder": te, "text_encoder_2": te2}`` (diffusers' prefixes). A model given alone
+            is named by its type: ``CLIPTextModelWithProjection`` → "text_encoder_2", other transformers models →
+            "text_encoder", diffusers transformer backbones → "transformer", anything else → "unet".
+        path: a ``.safetensors`` file name, or a directory that receives ``pytorch_lora_weights.safetensors``
+            (diffusers), ``lora_kohya.safetensors`` (kohya), ``lora2_adapter.safetensors`` (lora2); for "peft", the
+            directory of ``adapter_config.json`` + ``adapter_model.safetensors`` (one sub-directory per component
+            when there are several).
+        format: "diffusers" (``pipe.load_lora_weights``), "kohya" (A1111, ComfyUI, diffusers' kohya conversion),
+            "peft" (``PeftModel.from_pretrained``) or "lora2" (unbaked training state, exact resume).
+        metadata: JSON-serialisable training settings stored in the ``lora2`` header entry.
+        dtype: dtype of the written weights (the baking is computed in fp32); the lora2 format is always fp32.
+
+    Returns:
+        The file (or, for peft, the directory) written.
+    """
+    check_format(format)
+    components = _components(model)
+    adapter: dict[str, dict[str, LoraModule]] = {}
+    described: dict[str, dict] = {}
+    raw: dict[str, dict] = {}
+    for component, module in components.items():
+        layers = list(lora_layers(module))
+        if not layers:
+            raise ValueError(f"component {component!r} ({type(module).__name__}) holds no LoRA² layers to save")
+        modules, infos, raws = {}, {}, {}
+        for name, layer in layers:
+            # peft keys must be the model's own names; other formats use the portable spelling (names.py)
+            file_name = name if format == "peft" else to_file_name(module, component, name)
+            down, up = layer.export_weights()  # (D, d_in[, kh, kw]), (d_out, D[, 1, 1])
+            modules[file_name] = LoraModule(down.float(), up.float())
+            log_nu = float(layer.log_nu.detach().float())
+            infos[file_name] = {
+                "rank": layer.r,
+                "adaptive": layer.adaptive,
+                "scaling": layer.scaling,
+                "lambda_scaling": layer.config.lambda_scaling,
+                "log_nu": log_nu,
+                "nu": math.exp(log_nu),
+            }
+            raws[file_name] = (layer.lora_A[: layer.r].detach(), layer.active_b().detach(), layer.log_nu.detach())
+        adapter[component], raw[component] = modules, raws
+        described[component] = {"config": layers[0][1].config.to_dict(), "modules": infos}
+    header = build_header(format, described, metadata)
+    if format == "lora2":
+        written = write_safetensors(output_path(path, format), native_state_dict(raw), header)
+    else:
+        written = write_adapter(adapter, path, format, header, dtype)
+    total = sum(len(m) for m in adapter.values())
+    logger.info("saved %d LoRA² modules (%s format) to %s", total, format, written)
+    return written
+
+
+def _match_components(
+    file: AdapterFile, components: dict[str, nn.Module], alone: bool, strict: bool
+) -> dict[str, str]:
+    """file component → model component."""
+    in_file = list(file.adapter)
+    if alone:
+        ((name, _),) = components.items()
+        if name in file.adapter:
+            chosen = name
+        elif len(in_file) == 1:
+            chosen = in_file[0]
+        else:
+            raise ValueError(
+                f"{file.path}: holds components {in_file}; pass a dict such as "
+                f"{{{', '.join(repr(c) for c in in_file)}: model}} to say which model gets which"
+            )
+        mapping = {chosen: name}
+    else:
+        mapping = {c: c for c in in_file if c in components}
+        if set(in_file) == {""} and len(components) == 1:
+            mapping = {"": next(iter(components))}
+        absent = sorted(set(components) - set(mapping.values()))
+        if absent:
+            raise ValueError(f"{file.path}: has no adapters for components {absent} (it holds {in_file})")
+    unused = sorted(set(in_file) - set(mapping))
+    if unused and strict:
+        raise ValueError(
+            f"{file.path}: components {unused} are not loaded into any model; pass them in a dict "
+            "(or strict=False to skip them)"
+        )
+    if unused:
+        logger.warning("%s: skipping components %s", file.path, unused)
+    return mapping
+
+
+def _translate_sgm(file: AdapterFile, model: nn.Module, names: list[str]) -> dict[str, str]:
+    """For kohya files of sd-scripts' SDXL UNet (SGM block names), the diffusers names of the given modules."""
+    config = getattr(model, "config", None)
+    if file.format != "kohya" or not hasattr(config, "layers_per_block"):
+        return {}
+    sgm = [name for name in names if any(block in name for block in SGM_BLOCKS)]
+    return sgm_to_diffusers(sgm, config) if sgm else {}
+
+
+def _expected_shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    out_features, in_features, *kernel = base.weight.shape
+    if isinstance(base, nn.Conv2d):
+        return (rank, in_features, *kernel), (out_features, rank, 1, 1)
+    return (rank, in_features), (out_features, rank)
+
+
+def _load_component(
+    model: nn.Module, component: str, file: AdapterFile, file_component: str
+) -> tuple[dict[str, int], bool, bool]:
+    """Load one component; returns (ranks by module, injected here, ν restored)."""
+    path, modules = file.path, file.adapter[file_component]
+    label = f"{path}: component {file_component or component!r}"
+    injected_layers = dict(lora_layers(model))
+    if injected_layers:
+        candidates = {name: layer.base_layer for name, layer in injected_layers.items()}
+    else:
+        candidates = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    table = resolver(list(candidates), is_flat_clip(model))
+    translated = _translate_sgm(file, model, [n for n in modules if table.get(n, table.get(underscore(n))) is None])
+    resolved: dict[str, str] = {}
+    unknown = []
+    for file_name in modules:
+        spelling = translated.get(file_name, file_name)
+        target = table.get(spelling, table.get(underscore(spelling), ""))
+        if target is None:
+            raise ValueError(f"{label}: module name {file_name!r} is ambiguous in {type(model).__name__}")
+        if not target:
+            unknown.append(file_name)
+        elif target in resolved.values():
+            raise ValueError(f"{label}: two entries of the file name the module {target!r}")
+        else:
+            resolved[file_name] = target
+    if unknown:
+        what = "LoRA² layer" if injected_layers else "nn.Linear/nn.Conv2d module"
+        raise ValueError(
+            f"{label}: {len(unknown)} module(s) of the file match no {what} of {type(model).__name__}: {unknown[:5]}"
+        )
+    missing = sorted(set(injected_layers) - set(resolved.values()))
+    if missing:
+        raise ValueError(f"{label}: the file has no weights for {len(missing)} adapted module(s): {missing[:5]}")
+
+    described = ((file.lora2 or {}).get("components") or {}).get(file_component) or {}
+    infos = {underscore(name): info for name, info in (described.get("modules") or {}).items()}
+    raw = {underscore(name): value for name, value in ((file.raw or {}).get(file_component) or {}).items()}
+    for file_name, name in resolved.items():
+        lora, base = modules[file_name], candidates[name]
+        expected_down, expected_up = _expected_shapes(base, lora.rank)
+        if tuple(lora.down.shape) != expected_down or tuple(lora.up.shape) != expected_up:
+            raise ValueError(
+                f"{label}: module {file_name!r}: weights down {tuple(lora.down.shape)}, up "
+                f"{tuple(lora.up.shape)} do not fit {type(base).__name__} {tuple(base.weight.shape)} "
+                f"(expected {expected_down}, {expected_up})"
+            )
+        if injected_layers:
+            layer = injected_layers[name]
+            if layer.merged:
+                raise ValueError(f"{label}: module {name!r} is merged; call lora2.unmerge(model) before loading")
+            if lora.rank > layer.config.max_rank:
+                raise ValueError(
+                    f"{label}: module {file_name!r} has rank {lora.rank} > max_rank "
+                    f"{layer.config.max_rank} of the model's LoRA² config"
+                )
+
+    injected_here = not injected_layers
+    if injected_here:
+        names = sorted(resolved.values())
+        max_rank = max(lora.rank for lora in modules.values())
+        if "config" in described:
+            stored = LoRA2Config.from_dict(described["config"])
+            config = LoRA2Config.from_dict(
+                {
+                    **stored.to_dict(),
+                    "target_modules": names,
+                    "exclude_modules": [],
+                    "rank_pattern": {},
+                    "max_rank": max(stored.max_rank, max_rank),
+                }
+            )
+        else:
+            config = LoRA2Config(target_modules=names, adaptive=False, init_rank=1, max_rank=max_rank)
+        inject(model, config)
+        injected_layers = dict(lora_layers(model))
+        logger.info(
+            "%s: injected %s LoRA into %d modules", label, "LoRA²" if config.adaptive else "fixed-rank", len(names)
+        )
+
+    nu_restored = False
+    ranks, inconsistent = {}, []
+    with torch.no_grad():
+        for file_name, name in resolved.items():
+            layer, lora = injected_layers[name], modules[file_name]
+            info = infos.get(underscore(file_name), {})
+            rank = lora.rank
+            layer.set_rank(rank)
+            if layer.adaptive:
+                if info.get("adaptive") and "log_nu" in info:
+                    layer.log_nu.fill_(info["log_nu"])
+                    nu_restored = True
+                else:
+                    layer.log_nu.fill_(math.log(nu_for_rank(rank, layer.config.quantile)))
+                if layer.target_rank_from_nu() != rank:
+                    inconsistent.append(name)
+            _assign(layer, lora, raw.get(underscore(file_name)), info)
+            ranks[name] = rank
+    if inconsistent:
+        logger.warning(
+            "%s: for %d module(s) ν implies another rank than the file's under this config; the rank "
+            "will follow ν at the next optimizer step: %s",
+            label,
+            len(inconsistent),
+            inconsistent[:5],
+        )
+    return ranks, injected_here, nu_restored
+
+
+def _assign(layer: LoRA2Layer, lora: LoraModule, raw: tuple | None, info: dict) -> None:
+    """Set A[:D], B[:, :D]: raw (native file, same s and Λ) or B = scale·up / (s·λ)."""
+    rank = lora.rank
+    a, b = layer.lora_A, layer.lora_B
+    same_law = (info.get("adaptive"), info.get("scaling"), info.get("lambda_scaling")) == (
+        layer.adaptive,
+        layer.scaling,
+        layer.config.lambda_scaling,
+    )
+    if raw is not None and same_law:
+        a[:rank] = raw[0].to(a.device, a.dtype)
+        b[:, :rank] = raw[1].to(b.device, b.dtype)
+        return
+    lam = layer.importance().double() * layer.scaling  # (D,)
+    shape = (1, -1) + (1,) * (b.dim() - 2)
+    up = lora.up.double() * lora.scale / lam.cpu().view(shape)  # (d_out, D[, 1, 1])
+    a[:rank] = lora.down.to(a.device, a.dtype)
+    b[:, :rank] = up.to(b.device, b.dtype)
+
+
+def load_lora(model: Models, path: str | Path, strict: bool = True) -> dict:
+    """Load an adapter file (diffusers, kohya, peft, lora2-native; found by content) into ``model``.
+
+    ``model`` is one model or a dict of component name → model, as for ``save_lora``. Per component:
+
+    - model already injected with ``lora2.inject``: each LoRA² layer is resized to the file's rank
+      (``set_rank``); adaptive layers get ν from the ``lora2`` header (files written by lora2) or, for files of
+      other tools, the ν whose effective rank is the file's rank; B is set so that s·BΛ equals the file's
+      ``scale · up``. The file and the model must name the same modules.
+    - plain model: LoRA² is injected first on exactly the file's modules, with the stored LoRA2Config when the file
+      has a lora2 header (training can resume), else as fixed-rank LoRA (Λ = I, scale 1) at each module's rank.
+
+    Create optimizers after loading (or call ``lora2.sync_ranks``): parameters are re-allocated when ranks change.
+
+    Raises:
+        ValueError: naming the file and the module or key, for pickles or non-safetensors content, corrupt or
+            truncated files, unknown/missing keys, shapes that do not fit the model, modules present on one side
+            only, components of the file not loaded (unless ``strict=False``).
+
+    Returns:
+        ``{"path", "format", "ranks", "injected", "nu_restored", "lora2", "metadata"}``; ``ranks`` is
+        ``{module: D}`` for a single model and ``{component: {module: D}}`` for a dict.
+    """
+    components = _components(model)
+    file = read_adapter(path)
+    mapping = _match_components(file, components, isinstance(model, nn.Module), strict)
+    ranks, injected, restored = {}, False, False
+    for file_component, component in mapping.items():
+        r, inj, res = _load_component(components[component], component, file, file_component)
+        ranks[component], injected, restored = r, injected or inj, restored or res
+    if isinstance(model, nn.Module):
+        ranks = next(iter(ranks.values()))
+    return {
+        "path": str(file.path),
+        "format": file.format,
+        "ranks": ranks,
+        "injected": injected,
+        "nu_restored": restored,
+        "lora2": file.lora2,
+        "metadata": (file.lora2 or {}).get("training", {}),
+    }

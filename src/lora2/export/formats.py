@@ -1,0 +1,108 @@
+"""Reading any supported adapter file or directory, and writing an ``Adapter`` in any format."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from lora2.export import diffusers, kohya, native, peft
+from lora2.export.adapter import Adapter, AdapterFile
+from lora2.export.files import read_safetensors, write_safetensors
+from lora2.export.keys import DIRECTORY_PREFERENCE, FILE_NAMES, FORMATS, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
+from lora2.export.metadata import parse_header
+from lora2.export.names import underscore
+
+logger = logging.getLogger(__name__)
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+
+
+def output_path(path: str | Path, fmt: str) -> Path:
+    """Where a format is written: peft → the directory ``path``; others → ``path`` if it ends in .safetensors,
+    else ``path / <format's file name>``."""
+    path = Path(path)
+    if fmt == "peft":
+        if path.suffix == ".safetensors":
+            raise ValueError(f"{path}: the peft format is a directory (adapter_config.json + weights), not a file")
+        return path
+    return path if path.suffix == ".safetensors" else path / FILE_NAMES[fmt]
+
+
+def write_adapter(adapter: Adapter, path: str | Path, fmt: str, header: dict[str, str], dtype: torch.dtype) -> Path:
+    """Write a (non-native) adapter; ``header`` holds extra safetensors header entries (e.g. the lora2 entry)."""
+    check_format(fmt)
+    if fmt == "lora2":
+        raise ValueError("the lora2-native format stores training state; save it from a model with save_lora")
+    if not adapter or not any(adapter.values()):
+        raise ValueError(f"{path}: nothing to write (the adapter has no modules)")
+    target = output_path(path, fmt)
+    if fmt == "peft":
+        return peft.write(target, adapter, dtype, header)
+    writer = diffusers if fmt == "diffusers" else kohya
+    tensors, entries = writer.to_state_dict(adapter, dtype)
+    return write_safetensors(target, tensors, {**entries, **header})
+
+
+def _read_file(path: Path) -> AdapterFile:
+    if path.name == PEFT_WEIGHTS_NAME and (path.parent / PEFT_CONFIG_NAME).is_file():
+        return peft.read(path.parent)
+    tensors, header = read_safetensors(path)
+    if not tensors:
+        raise ValueError(f"{path}: the file holds no tensors")
+    lora2 = parse_header(path, header)
+    if lora2 is not None and lora2.get("format") == "lora2":
+        return native.from_state_dict(path, tensors, header, lora2)
+    if kohya.is_kohya(tensors):
+        return kohya.from_state_dict(path, tensors, header)
+    return diffusers.from_state_dict(path, tensors, header)
+
+
+def _find_in_directory(path: Path) -> Path:
+    for fmt in DIRECTORY_PREFERENCE:
+        if fmt == "peft":
+            if peft.is_peft_dir(path):
+                return path
+        elif (path / FILE_NAMES[fmt]).is_file():
+            return path / FILE_NAMES[fmt]
+    candidates = sorted(path.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return candidates[0]
+    names = [p.name for p in path.iterdir()]
+    raise ValueError(
+        f"{path}: no adapter found (expected one of {list(FILE_NAMES.values())}, a peft directory, "
+        f"or a single .safetensors file; found {names[:10]})"
+    )
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Read an adapter file or directory in any supported format (safetensors only; pickles are refused)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_dir():
+        found = _find_in_directory(path)
+        file = peft.read(found) if found.is_dir() else _read_file(found)
+    else:
+        file = _read_file(path)
+    if file.lora2 is None:
+        file.lora2 = parse_header(file.path, file.header)
+    described = list((file.lora2 or {}).get("components", {}))
+    if file.format == "kohya" and file.lora2 is not None:
+        _restore_dotted_names(file)
+    if set(file.adapter) == {""} and len(described) == 1:
+        file.adapter = {described[0]: file.adapter[""]}
+    logger.debug("read %s adapter %s with components %s", file.format, file.path, list(file.adapter))
+    return file
+
+
+def _restore_dotted_names(file: AdapterFile) -> None:
+    """kohya keys lose the dots of module names; a lora2 header of the same file still has them."""
+    for component, modules in file.adapter.items():
+        named = file.lora2["components"].get(component, {}).get("modules", {})
+        dotted = {underscore(name): name for name in named}
+        file.adapter[component] = {dotted.get(name, name): module for name, module in modules.items()}

@@ -1,0 +1,68 @@
+"""The lora2-native file: the unbaked LoRA² state, for exact resumption of training.
+
+Standard files (diffusers, kohya, peft) hold ``up = s · B Λ``; ``load_lora`` recovers B = up / (s·λ) from the ν in
+the header, which reproduces ΔW and the ranks exactly but B only up to one fp32 rounding. The native file holds
+``<component>.<module>.lora_A`` (A[:D], D × d_in[×kh×kw]), ``.lora_B`` (B[:, :D]) and ``.log_nu`` (scalar) as
+trained, plus the ``lora2`` header, so a resumed run starts bit-identical. Other tools cannot read it; ``lora2``
+tools treat it as the LoRA pair (A, s·BΛ).
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import torch
+
+from lora2.export.adapter import Adapter, AdapterFile, LoraModule, check_module
+from lora2.lora.config import LoRA2Config
+from lora2.rank.math import importance
+
+SUFFIXES = (".lora_A", ".lora_B", ".log_nu")
+
+
+def to_state_dict(raw: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]) -> dict:
+    tensors = {}
+    for component, modules in raw.items():
+        for name, (a, b, log_nu) in modules.items():
+            tensors[f"{component}.{name}.lora_A"] = a.float()  # (D, d_in[, kh, kw])
+            tensors[f"{component}.{name}.lora_B"] = b.float()  # (d_out, D[, 1, 1])
+            tensors[f"{component}.{name}.log_nu"] = log_nu.float().reshape(())
+    return tensors
+
+
+def from_state_dict(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str], lora2: dict) -> AdapterFile:
+    """Read a native file; the ``adapter`` view bakes s·Λ into ``up`` with the stored config."""
+    groups: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    for key, value in tensors.items():
+        for suffix in SUFFIXES:
+            if key.endswith(suffix):
+                groups[key[: -len(suffix)]][suffix] = value
+                break
+        else:
+            raise ValueError(f"{path}: unsupported key {key!r} in a lora2-native file")
+    adapter: Adapter = {}
+    raw: dict = {}
+    for stem, parts in sorted(groups.items()):
+        component, _, name = stem.partition(".")
+        where = f"{path}: module {name!r} of {component!r}"
+        info = lora2["components"].get(component)
+        if info is None or name not in info.get("modules", {}) or "config" not in info:
+            raise ValueError(f"{where}: not described in the lora2 header")
+        missing = [s.lstrip(".") for s in SUFFIXES if s not in parts]
+        if missing:
+            raise ValueError(f"{where}: {missing} missing")
+        a, b, log_nu = parts[".lora_A"], parts[".lora_B"], parts[".log_nu"]
+        config = LoRA2Config.from_dict(info["config"])
+        rank = a.shape[0]
+        if config.adaptive:
+            lam = importance(log_nu.double().exp(), rank, config.lambda_scaling)  # (D,)
+        else:
+            lam = torch.ones(rank, dtype=torch.float64)  # (D,)
+        lam = lam * config.scaling
+        up = b.double() * lam.view((1, -1) + (1,) * (b.dim() - 2))  # (d_out, D[, 1, 1])
+        module = LoraModule(a, up.float())
+        check_module(module, where)
+        adapter.setdefault(component, {})[name] = module
+        raw.setdefault(component, {})[name] = (a, b, log_nu)
+    return AdapterFile(path, "lora2", adapter, lora2=lora2, raw=raw, header=header)

@@ -1,0 +1,41 @@
+"""Writing the result of a tool: the input's format (native → diffusers) and a lora2 header with the new ranks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from lora2.export.adapter import Adapter, AdapterFile
+from lora2.export.formats import write_adapter
+from lora2.export.metadata import build_header
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def output_format(inputs: list[AdapterFile], fmt: str | None) -> str:
+    """The requested format, else the first input's (a lora2-native input gives diffusers)."""
+    if fmt is not None:
+        return fmt
+    return "diffusers" if inputs[0].format == "lora2" else inputs[0].format
+
+
+def write_result(
+    adapter: Adapter, out: str | Path, fmt: str, inputs: list[AdapterFile], step: dict, dtype: str = "fp32"
+) -> Path:
+    """Write ``adapter`` with a lora2 header: ranks per module, the inputs' training settings, the history."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    first = inputs[0].lora2 or {}
+    components = {
+        component: {"modules": {name: {"rank": module.rank} for name, module in modules.items()}}
+        for component, modules in adapter.items()
+    }
+    history = list(first.get("history", [])) + [step]
+    header = build_header(fmt, components, first.get("training"), history)
+    written = write_adapter(adapter, out, fmt, header, DTYPES[dtype])
+    logger.info("wrote %s (%s format)", written, fmt)
+    return written
