@@ -8,7 +8,7 @@ from torch import nn
 
 from lora2.lora.config import LoRA2Config
 from lora2.lora.layer import LoRA2Layer
-from lora2.lora.model import lora_layers
+from lora2.lora.model import ImportanceHook, lora_layers
 from lora2.lora.optim import register_layers
 
 logger = logging.getLogger(__name__)
@@ -38,11 +38,15 @@ def inject(model: nn.Module, config: LoRA2Config) -> nn.Module:
         layer = LoRA2Layer(base, config, config.rank_for(name), name=name)
         setattr(parent, child, layer)
     register_layers([layer for _, layer in lora_layers(model)])
+    model._lora2_importance_hook = ImportanceHook(model)
     logger.info("injected LoRA² into %d modules", len(targets))
     return model
 
 
 def _replace_layers(model: nn.Module, merge: bool) -> nn.Module:
+    hook = model.__dict__.pop("_lora2_importance_hook", None)
+    if hook is not None:
+        hook.remove()
     for name, layer in list(lora_layers(model)):
         if merge:
             layer.merge()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +51,12 @@ class LoRA2Layer(nn.Module):
         # ν in log space: Adam moves log ν by about lr per step, so ranks travel multiplicatively (docs/DESIGN.md)
         log_nu = math.log(nu_for_rank(rank, config.quantile))
         self.log_nu = nn.Parameter(torch.tensor(log_nu, device=weight.device), requires_grad=self.adaptive)
-        self.register_buffer("_positions", torch.arange(capacity, device=weight.device, dtype=torch.float32), False)
+        # s·λ over the whole storage, set for all layers at once by the model-level pre-forward hook that
+        # inject() installs; valid while ν is unchanged (its version) and D is too. Otherwise the layer computes
+        # its own. Kept after the forward so that gradient checkpointing recomputes with the same tensors.
+        self.storage_lambda: torch.Tensor | None = None
+        self.storage_lambda_version = -1
+        self._layouts: dict = {}
 
     # ------------------------------------------------------------------ shapes and initialisation
     @property
@@ -104,7 +111,7 @@ class LoRA2Layer(nn.Module):
         """λ_1..λ_D, the diagonal of Λ (ones for fixed-rank LoRA, the ν → 0 limit of "first" scaling)."""
         if not self.adaptive:
             return torch.ones(self.r, device=self.lora_A.device)
-        return importance(self.nu, self.r, self.config.lambda_scaling, self._positions)  # (D,)
+        return importance(self.nu, self.r, self.config.lambda_scaling)  # (D,)
 
     def target_rank_from_nu(self) -> int:
         """The effective rank D that ν currently implies (the fixed rank for fixed-rank LoRA)."""
@@ -123,6 +130,7 @@ class LoRA2Layer(nn.Module):
         if not 1 <= rank <= self.config.max_rank:
             raise ValueError(f"module {self.name!r}: rank must lie in [1, {self.config.max_rank}], got {rank}")
         old_rank, self.r = self.r, rank
+        self.storage_lambda = None
         needed = self._capacity_for(rank)
         replaced = {}
         if needed > self.capacity or needed <= self.capacity - 2 * self.config.chunk_size:
@@ -141,27 +149,32 @@ class LoRA2Layer(nn.Module):
         new_b = torch.zeros(self._b_shape(capacity), device=self.lora_B.device)
         new_b[:, :keep] = self.lora_B[:, :keep]
         old_a, old_b = self.lora_A, self.lora_B
-        self._positions = torch.arange(capacity, device=old_a.device, dtype=torch.float32)
         self.lora_A = nn.Parameter(new_a, requires_grad=old_a.requires_grad)
         self.lora_B = nn.Parameter(new_b, requires_grad=old_b.requires_grad)
         return {"lora_A": (old_a, self.lora_A), "lora_B": (old_b, self.lora_B)}
 
     # ------------------------------------------------------------------ weights
     def _scaled_a(self) -> torch.Tensor:
-        """s · Λ A over the active positions: folding Λ and s into A keeps the activation path at peft's cost.
-
-        Written for few kernel launches: at batch 1 an SDXL step is bound by launch overhead, not FLOPs.
-        """
-        a = self.lora_A if self.r == self.capacity else self.lora_A[: self.r]  # (D, d_in[, kh, kw])
-        if not self.adaptive:
-            return a if self.scaling == 1.0 else a * self.scaling
-        lam = self.importance()  # (D,)
-        if self.scaling != 1.0:
-            lam = lam * self.scaling
-        return a * lam.view((-1,) + (1,) * (a.dim() - 1))
+        """s · Λ A over the active positions (D rows)."""
+        lam = self.importance() * self.scaling  # (D,)
+        return self.lora_A[: self.r] * lam.view((-1,) + (1,) * (self.lora_A.dim() - 1))  # (D, d_in[, kh, kw])
 
     def active_b(self) -> torch.Tensor:
-        return self.lora_B if self.r == self.capacity else self.lora_B[:, : self.r]  # (d_out, D[, 1, 1])
+        return self.lora_B[:, : self.r]  # (d_out, D[, 1, 1])
+
+    def _forward_a(self) -> torch.Tensor:
+        """s · Λ A over the whole storage, zero rows beyond D: the forward never slices A or B.
+
+        At batch 1 an SDXL step is bound by kernel launches, not FLOPs: slicing costs zero-filled gradients in
+        the backward, and a per-layer Λ costs a dozen launches; the model-level hook computes Λ for all layers
+        in a few kernels (``storage_importance``). Fixed-rank storage is exactly r: plain LoRA.
+        """
+        if not self.adaptive:
+            return self.lora_A if self.scaling == 1.0 else self.lora_A * self.scaling
+        lam = self.storage_lambda
+        if lam is None or self.storage_lambda_version != self.log_nu._version:
+            lam = storage_importance([self], self._layouts)[0]
+        return self.lora_A * lam.view((-1,) + (1,) * (self.lora_A.dim() - 1))  # (capacity, d_in[, kh, kw])
 
     def get_delta_weight(self) -> torch.Tensor:
         """ΔW = s · B Λ A, shaped like the base weight (fp32)."""
@@ -202,14 +215,14 @@ class LoRA2Layer(nn.Module):
         if self.merged or self.disable_adapters:
             return result
         result_dtype = result.dtype
-        a = self._scaled_a()
-        b = self.active_b()
+        a = self._forward_a()  # (capacity, d_in[, kh, kw])
+        b = self.lora_B  # (d_out, capacity[, 1, 1])
         x = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
         if self.is_conv:
             conv = self.base_layer
-            hidden = F.conv2d(x, a, None, conv.stride, conv.padding, conv.dilation)  # (N, D, H', W')
+            hidden = F.conv2d(x, a, None, conv.stride, conv.padding, conv.dilation)  # (N, capacity, H', W')
             update = F.conv2d(hidden, b)  # (N, d_out, H', W')
         else:
             update = F.linear(F.linear(x, a), b)  # (..., d_out)
@@ -218,3 +231,56 @@ class LoRA2Layer(nn.Module):
     def extra_repr(self) -> str:
         mode = "adaptive" if self.adaptive else "fixed"
         return f"name={self.name!r}, r={self.r}, capacity={self.capacity}, {mode}"
+
+
+@dataclass
+class _Layout:
+    """Ragged layout of the storage positions of several layers: one segment per layer."""
+
+    segment: torch.Tensor  # (N,) layer index of each position
+    neg_positions: torch.Tensor  # (N,) −(i−1) within the layer
+    active: torch.Tensor  # (N,) 1.0 where i ≤ D, else 0.0
+    scale: torch.Tensor | None  # (N,) s per position, None when every s is 1
+    capacities: list[int]
+
+
+def _layout(layers: Sequence[LoRA2Layer], cache: dict) -> _Layout:
+    key = tuple((id(layer), layer.r, layer.capacity) for layer in layers)
+    if key not in cache:
+        cache.clear()
+        device = layers[0].lora_A.device
+        capacities = [layer.capacity for layer in layers]
+        positions = torch.cat([torch.arange(c) for c in capacities])  # (N,)
+        segment = torch.cat([torch.full((c,), i) for i, c in enumerate(capacities)])  # (N,)
+        ranks = torch.tensor([layer.r for layer in layers])[segment]  # (N,)
+        scales = torch.tensor([layer.scaling for layer in layers])[segment]  # (N,)
+        cache[key] = _Layout(
+            segment=segment.to(device),
+            neg_positions=(-positions).float().to(device),
+            active=(positions < ranks).float().to(device),
+            scale=None if bool((scales == 1.0).all()) else scales.float().to(device),
+            capacities=capacities,
+        )
+    return cache[key]
+
+
+def storage_importance(layers: Sequence[LoRA2Layer], cache: dict) -> list[torch.Tensor]:
+    """s · λ_i(ν) over every storage position of each adaptive layer, 0 beyond its D, in one graph for all layers.
+
+    The values on the first D positions are those of ``lora2.rank.importance(ν, D, scaling) · s`` (Λ of LoRA²,
+    f(i; ν) = e^{−ν(i−1)}(1 − e^{−ν})), computed with ~10 kernels for any number of layers. All layers must share
+    one ``lambda_scaling``. ``cache`` keeps the position layout between calls.
+    """
+    scaling = layers[0].config.lambda_scaling
+    assert all(layer.config.lambda_scaling == scaling and layer.adaptive for layer in layers)
+    layout = _layout(layers, cache)
+    nu = torch.stack([layer.log_nu for layer in layers]).float().exp()  # (L,)
+    lam = torch.exp(layout.neg_positions * nu[layout.segment]) * layout.active  # (N,), e^{−ν(i−1)} for i ≤ D
+    if scaling == "sum":
+        totals = torch.zeros_like(nu).index_add(0, layout.segment, lam)  # (L,) Σ_{j≤D} e^{−ν(j−1)}
+        lam = lam / totals[layout.segment]
+    elif scaling == "none":
+        lam = lam * (-torch.expm1(-nu))[layout.segment]
+    if layout.scale is not None:
+        lam = lam * layout.scale
+    return list(lam.split(layout.capacities))

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lora2.lora.layer import LoRA2Layer
+from lora2.lora.layer import LoRA2Layer, storage_importance
 from lora2.rank.math import effective_rank_tensor
 
 
@@ -26,6 +26,35 @@ def ranks(model: nn.Module) -> dict[str, int]:
 def nus(model: nn.Module) -> dict[str, float]:
     """Current ν of every adaptive module."""
     return {name: layer.nu.item() for name, layer in lora_layers(model) if layer.adaptive}
+
+
+class ImportanceHook:
+    """Computes s·Λ of every adaptive layer of a model once per forward, in a few kernels for all layers.
+
+    Installed by ``lora2.inject`` as a forward pre-hook on the injected model; nothing to call. A layer uses the
+    result while its ν and D are unchanged (so gradient checkpointing's recomputation in the backward sees the
+    same tensors), and otherwise computes its own Λ, with the same values.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.groups: dict[str, list[LoRA2Layer]] = {}
+        for _, layer in lora_layers(model):
+            if layer.adaptive:
+                self.groups.setdefault(layer.config.lambda_scaling, []).append(layer)
+        self.caches: dict[str, dict] = {scaling: {} for scaling in self.groups}
+        self.handle = model.register_forward_pre_hook(self.before)
+
+    def before(self, module: nn.Module, args) -> None:
+        for scaling, layers in self.groups.items():
+            for layer, lam in zip(layers, storage_importance(layers, self.caches[scaling])):
+                layer.storage_lambda = lam
+                layer.storage_lambda_version = layer.log_nu._version
+
+    def remove(self) -> None:
+        self.handle.remove()
+        for layers in self.groups.values():
+            for layer in layers:
+                layer.storage_lambda = None
 
 
 def update_ranks(layers: list[LoRA2Layer]) -> list[tuple[LoRA2Layer, dict, range]]:

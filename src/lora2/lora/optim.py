@@ -52,6 +52,8 @@ def _after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
 
 def sync_ranks(optimizer: torch.optim.Optimizer | None, layers: list[LoRA2Layer]) -> int:
     """Recompute ranks of ``layers`` from ν and carry the optimizer along. Returns how many ranks changed."""
+    for layer in layers:
+        layer.storage_lambda = None  # ν moved: Λ stored by the forward hook is stale (fused optimizers keep _version)
     changed = update_ranks(layers)
     for _layer, replaced, grown in changed:
         if optimizer is None:
