@@ -67,7 +67,7 @@ def update_ranks(layers: list[LoRA2Layer]) -> list[tuple[LoRA2Layer, dict, range
         return []
     with torch.no_grad():
         device = adaptive[0].log_nu.device
-        nu = torch.stack([layer.log_nu.detach().double() for layer in adaptive]).exp()  # (L,)
+        nu = torch.stack([layer.log_nu.detach() for layer in adaptive]).double().exp()  # (L,), one cast
         quantile = torch.tensor([layer.config.quantile for layer in adaptive], device=device)  # (L,)
         max_rank = torch.tensor([layer.config.max_rank for layer in adaptive], device=device)  # (L,)
         new_ranks = effective_rank_tensor(nu, quantile, max_rank).tolist()
@@ -80,9 +80,16 @@ def update_ranks(layers: list[LoRA2Layer]) -> list[tuple[LoRA2Layer, dict, range
 
 
 def rank_regularization(model: nn.Module) -> torch.Tensor:
-    """L_reg = Σ_ℓ |ν_ℓ − ν_target| over adaptive layers (LoRA², L1 reading)."""
-    terms = [(layer.nu - layer.config.nu_target).abs() for _, layer in lora_layers(model) if layer.adaptive]
-    return torch.stack(terms).sum() if terms else torch.zeros(())
+    """L_reg = Σ_ℓ |ν_ℓ − ν_target| over adaptive layers (LoRA², L1 reading), vectorised over layers."""
+    adaptive = [layer for _, layer in lora_layers(model) if layer.adaptive]
+    if not adaptive:
+        return torch.zeros(())
+    nu = torch.stack([layer.log_nu for layer in adaptive]).exp()  # (L,)
+    targets = {layer.config.nu_target for layer in adaptive}
+    if len(targets) == 1:
+        return (nu - targets.pop()).abs().sum()
+    target = torch.tensor([layer.config.nu_target for layer in adaptive], device=nu.device)  # (L,)
+    return (nu - target).abs().sum()
 
 
 def weight_regularization(model: nn.Module) -> torch.Tensor:

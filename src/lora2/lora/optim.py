@@ -55,13 +55,16 @@ def sync_ranks(optimizer: torch.optim.Optimizer | None, layers: list[LoRA2Layer]
     for layer in layers:
         layer.storage_lambda = None  # ν moved: Λ stored by the forward hook is stale (fused optimizers keep _version)
     changed = update_ranks(layers)
-    for _layer, replaced, grown in changed:
-        if optimizer is None:
-            continue
-        for old, new in replaced.values():
-            _rebind(optimizer, old, new)
-        if grown:
-            _zero_state_positions(optimizer, _layer, grown)
+    if optimizer is not None and changed:
+        # one map parameter → (list, index) for all re-allocations: a scan per parameter is O(L²) at SDXL size
+        where = {
+            id(p): (group["params"], i) for group in optimizer.param_groups for i, p in enumerate(group["params"])
+        }
+        for layer, replaced, grown in changed:
+            for old, new in replaced.values():
+                _rebind(optimizer, old, new, where)
+            if grown:
+                _zero_state_positions(optimizer, layer, grown)
     if changed:
         logger.debug("ranks changed in %d layers", len(changed))
     return len(changed)
@@ -76,12 +79,10 @@ def _resize_like(state: torch.Tensor, new: nn.Parameter) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _rebind(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter) -> None:
-    for group in optimizer.param_groups:
-        params = group["params"]
-        for index, param in enumerate(params):
-            if param is old:
-                params[index] = new
+def _rebind(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, where: dict) -> None:
+    if id(old) in where:
+        params, index = where[id(old)]
+        params[index] = new
     state = optimizer.state.pop(old, None)
     if state is None:
         return
