@@ -1,0 +1,60 @@
+"""Two processes (gloo, CPU) train with changing ranks and end with identical ranks and weights."""
+
+from __future__ import annotations
+
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from train_helpers import fast_config
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, port: int, base: str, instance: str, out: str, result_dir: str) -> None:
+    import os
+
+    from lora2.train.loop import train
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        config = fast_config(
+            base,
+            instance,
+            out,
+            max_train_steps=3,
+            init_rank=3,
+            chunk_size=2,
+            nu_lr=0.5,
+            learning_rate=1e-2,
+            random_flip=True,
+            rank_check_steps=1,
+            sample_steps=1,
+        )
+        result = train(config)
+        ranks = torch.tensor(list(result.ranks.values()))
+        save_file({**result.adapter_state, "__ranks__": ranks}, f"{result_dir}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_keep_identical_ranks_and_weights(tiny_base, instance_dir, tmp_path):
+    out, result_dir = tmp_path / "run", tmp_path / "results"
+    result_dir.mkdir()
+    args = (_free_port(), str(tiny_base), str(instance_dir), str(out), str(result_dir))
+    mp.spawn(_worker, args=args, nprocs=2, join=True)
+    first, second = (load_file(result_dir / f"rank{r}.safetensors") for r in range(2))
+    assert not torch.equal(first["__ranks__"], torch.full_like(first["__ranks__"], 3)), "ranks should move"
+    assert torch.equal(first["__ranks__"], second["__ranks__"])
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    assert (out / "pytorch_lora_weights.safetensors").is_file()  # written once, by process 0

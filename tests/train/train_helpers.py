@@ -1,0 +1,81 @@
+"""Helpers of the trainer tests: image folders and a fast training config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lora2.train.config import TrainConfig
+
+
+def write_images(folder: Path, count: int = 3, size: tuple[int, int] = (40, 48), seed: int = 0) -> Path:
+    """``count`` random RGB PNGs of ``size`` (width, height)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:02d}.png")
+    return folder
+
+
+def fast_config(base: Path, instance: Path, output_dir: Path, **overrides) -> TrainConfig:
+    """A config that trains a few steps at 32 px with 2-step sampling."""
+    values = {
+        "base": str(base),
+        "instance_data_dir": str(instance),
+        "class_name": "dog",
+        "output_dir": str(output_dir),
+        "resolution": 32,
+        "max_train_steps": 2,
+        "checkpointing_steps": 2,
+        "sample_steps": 2,
+        "sample_prompts": ["{instance}"],
+        "report_to": "none",
+        "export_formats": ["diffusers"],
+        "device": "cpu",
+        **overrides,
+    }
+    return TrainConfig(**values)
+
+
+def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
+    """A random tiny StableDiffusionPipeline folder (SD 1.5 layout: one CLIP text encoder, no added conditioning)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lora2.world.tiny import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG
+    from lora2.world.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(path / "tokenizer")
+    torch.manual_seed(seed)
+    text_config = {
+        **TINY_TEXT_CONFIG,
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    vae = AutoencoderKL(**{**TINY_VAE_CONFIG, "sample_size": 64})
+    unet_kwargs = {
+        k: v for k, v in TINY_UNET_CONFIG.items() if k not in ("addition_embed_type", "addition_time_embed_dim")
+    }
+    unet = UNet2DConditionModel(**unet_kwargs, sample_size=16, cross_attention_dim=text_config["hidden_size"])
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction"
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
