@@ -89,6 +89,8 @@ def method_registry() -> dict[str, Method]:
         Method("lora2", "LoRA² (learned ranks, rank regularisation and entropy term)", lora2),
         Method("lora2-noreg", "LoRA² without rank regularisation (λ_r = 0)", {**lora2, "rank_reg_weight": 0.0}),
         Method("lora2-noentropy", "LoRA² without the entropy term (λ_e = 0)", {**lora2, "entropy_weight": 0.0}),
+        Method("lora2-first", "LoRA² with Λ normalised by its first entry", {**lora2, "lambda_scaling": "first"}),
+        Method("lora2-sum", "LoRA² with Λ normalised by its sum (AWNN)", {**lora2, "lambda_scaling": "sum"}),
         Method(
             "svd-512-to-lora2",
             "fixed-512 adapter truncated by SVD to the lora2 cell's total rank, kept where σ² is largest",
