@@ -85,7 +85,7 @@ class TrainConfig:
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
     class_generation_steps: int = 25
-    resolution: int = 1024
+    resolution: int | None = None
     center_crop: bool = True
     random_flip: bool = False
     cache_latents: bool = True
@@ -148,14 +148,14 @@ class TrainConfig:
         for key, choices in _CHOICES.items():
             if getattr(self, key) not in choices:
                 raise ValueError(f"{key} must be one of {choices}, got {getattr(self, key)!r}")
-        positive = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "resolution")
+        positive = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps")
         for key in positive + ("checkpointing_steps", "sample_steps", "class_generation_steps", "rank_check_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)!r}")
         for key in ("learning_rate", "nu_lr"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)!r}")
-        if self.resolution % 8:
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ValueError(f"resolution must be a multiple of 8 (VAE downsampling), got {self.resolution}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"checkpoints_total_limit must be >= 1 or None, got {self.checkpoints_total_limit}")

@@ -18,18 +18,11 @@ from lora2.eval.metrics import ClipEncoder, DinoEncoder, SubjectScorer
 from lora2.train.config import TrainConfig
 from lora2.train.data import list_images
 from lora2.train.loop import train
-from lora2.train.model import world_path
+from lora2.train.model import native_resolution, world_path
 
 logger = logging.getLogger(__name__)
 
 DEMO_PROMPTS = ("{instance}", "{instance} on the beach", "{instance} in the snow", "{instance} at night")
-
-
-def _resolution(base: Path) -> int:
-    """The base model's native image side: UNet sample size × VAE downsampling."""
-    unet = json.loads((base / "unet" / "config.json").read_text())
-    vae = json.loads((base / "vae" / "config.json").read_text())
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def _metrics(subject_dir: Path, samples: Path, prompts: list[str]) -> dict | None:
@@ -76,7 +69,7 @@ def demo(out_dir: str | Path = "lora2_demo", max_train_steps: int = 150, overwri
         class_name=class_name,
         output_dir=str(out / "run"),
         overwrite=overwrite,
-        resolution=_resolution(base),
+        resolution=native_resolution(str(base)),
         max_train_steps=max_train_steps,
         learning_rate=1e-3,
         checkpointing_steps=max_train_steps,

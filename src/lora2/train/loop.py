@@ -17,6 +17,7 @@ from the trainer's own ``torch.Generator`` (seed + process index); the data orde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ from lora2.train.model import (
     identifier_positions,
     latent_distribution,
     load_components,
+    native_resolution,
     resolve_base,
 )
 from lora2.train.outputs import image_grid, rank_heatmap, save_adapter, write_model_card
@@ -451,6 +453,9 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one visible recip
     processes.barrier()
 
     # ---- data
+    if config.resolution is None:
+        config = dataclasses.replace(config, resolution=native_resolution(resolve_base(config.base), config.revision))
+        logger.info("resolution %d (the base model's native size)", config.resolution)
     paths, instance_prompt, class_name = resolve_instance(config)
     images: list[TrainImage] = [prepare_image(p, config.resolution, config.small_images) for p in paths]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,13 @@ def resolve_base(base: str) -> str:
     if path is None:
         raise ValueError("no --base given and the built-in world base model is not built; pass --base PATH_OR_ID")
     return str(path)
+
+
+def native_resolution(base: str, revision: str | None = None) -> int:
+    """The base model's native image side: UNet sample size × VAE downsampling (1024 for SDXL, 64 for the world)."""
+    unet = UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision)
+    vae = AutoencoderKL.load_config(base, subfolder="vae", revision=revision)
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def load_components(
