@@ -21,7 +21,7 @@ class LoRA2Config:
     max_rank: largest rank any component may grow to.
     quantile: q of the effective rank D = ⌈−ln(1−q)/ν⌉.
     adaptive: learn ν (LoRA²); False gives plain LoRA of rank ``init_rank`` through the same layer (Λ = I).
-    lambda_scaling: normalisation of Λ: "sum" (AWNN, default), "first" (λ_1 = 1), "none" (the paper's f).
+    lambda_scaling: normalisation of Λ: "first" (λ_1 = 1, default), "sum" (AWNN), "none" (the paper's f).
     lora_alpha: LoRA scale s = lora_alpha / init_rank; None means s = 1.
     chunk_size: storage grows and shrinks in multiples of this many rank positions.
     target_rank: r_target of the rank regularization (ν_target = −ln(1−q)/r_target).
@@ -39,7 +39,7 @@ class LoRA2Config:
     max_rank: int = 512
     quantile: float = 0.9
     adaptive: bool = True
-    lambda_scaling: str = "sum"
+    lambda_scaling: str = "first"
     lora_alpha: float | None = None
     chunk_size: int = 8
     target_rank: float = 64.0

@@ -22,21 +22,17 @@ def discretized_exponential(nu: torch.Tensor, length: int) -> torch.Tensor:
     return torch.exp(-nu * positions) * (-torch.expm1(-nu))  # (length,)
 
 
-def importance(
-    nu: torch.Tensor, length: int, scaling: str = "sum", positions: torch.Tensor | None = None
-) -> torch.Tensor:
+def importance(nu: torch.Tensor, length: int, scaling: str = "first") -> torch.Tensor:
     """The diagonal of Λ over the first `length` positions, under a normalisation choice.
 
     - "none":  λ_i = f(i; ν)                          (the paper's Λ as written)
     - "sum":   λ_i = f(i; ν) / Σ_{j≤length} f(j; ν)   (AWNN: renormalised over the truncated support)
     - "first": λ_i = f(i; ν) / f(1; ν) = e^{−ν(i−1)}   (first position has weight 1)
 
-    Since f(i; ν) = e^{−ν(i−1)}·(1 − e^{−ν}), "sum" is softmax(−ν·(i−1)): one kernel. ``positions`` may pass a
-    cached arange(length) to save its allocation in hot loops.
+    Since f(i; ν) = e^{−ν(i−1)}·(1 − e^{−ν}), "sum" is softmax(−ν·(i−1)).
     """
-    if positions is None:
-        positions = torch.arange(length, device=nu.device, dtype=nu.dtype)  # (length,), i − 1
-    logits = positions[:length] * -nu  # (length,)
+    positions = torch.arange(length, device=nu.device, dtype=nu.dtype)  # (length,), i − 1
+    logits = positions * -nu  # (length,)
     if scaling == "sum":
         return torch.softmax(logits, dim=0)
     if scaling == "first":
