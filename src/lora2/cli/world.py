@@ -38,6 +38,29 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from lora2.world.pretrain import pretrain_world
+
+    print(pretrain_world(Path(args.out), scale=args.scale, device=args.device, steps=args.steps, seed=args.seed))
+    return 0
+
+
+def _add_pretrain(sub) -> None:
+    parser = sub.add_parser("pretrain", help="pretrain the world's base model and evaluators (GPU: ~8 min on an H200)")
+    parser.add_argument("--out", required=True, help="output folder: base/, clip/, dino/ are written there")
+    parser.add_argument("--scale", default="full", choices=("full", "tiny"), help="tiny: a CPU-sized smoke run")
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=None, help="UNet steps (wall-clock budgets still apply)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=_pretrain)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _add_info(sub) -> None:
     parser = sub.add_parser("info", help="paths of the world's base model, evaluators and subjects")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -67,8 +90,8 @@ def _add_sample(sub) -> None:
 
 
 def register(subparsers) -> None:
-    """Add ``lora2 world {info,subjects,sample}``."""
+    """Add ``lora2 world {info,subjects,sample,pretrain}``."""
     parser = subparsers.add_parser("world", help="the built-in offline world")
     sub = parser.add_subparsers(dest="world_command", required=True)
-    for add in (_add_info, _add_subjects, _add_sample):
+    for add in (_add_info, _add_subjects, _add_sample, _add_pretrain):
         add(sub)
