@@ -19,6 +19,8 @@ import yaml
 
 from lora2.lora.config import DEFAULT_TARGETS, LoRA2Config
 
+_LORA2_DEFAULTS = LoRA2Config()
+
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 DEFAULT_SAMPLE_PROMPTS = (
     "{instance}",
@@ -93,16 +95,17 @@ class TrainConfig:
     # adapter (LoRA2Config)
     rank_mode: str = "adaptive"
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    init_rank: int = 8
-    max_rank: int = 512
-    quantile: float = 0.9
-    lambda_scaling: str = "first"
-    lora_alpha: float | None = None
-    chunk_size: int = 8
-    target_rank: float = 64.0
-    rank_reg_weight: float = 1e-4
-    weight_reg_weight: float = 0.0
-    entropy_weight: float = 0.0
+    # adapter defaults are LoRA2Config's, so the library and the trainer cannot drift apart
+    init_rank: int = _LORA2_DEFAULTS.init_rank
+    max_rank: int = _LORA2_DEFAULTS.max_rank
+    quantile: float = _LORA2_DEFAULTS.quantile
+    lambda_scaling: str = _LORA2_DEFAULTS.lambda_scaling
+    lora_alpha: float | None = _LORA2_DEFAULTS.lora_alpha
+    chunk_size: int = _LORA2_DEFAULTS.chunk_size
+    target_rank: float = _LORA2_DEFAULTS.target_rank
+    rank_reg_weight: float = _LORA2_DEFAULTS.rank_reg_weight
+    weight_reg_weight: float = _LORA2_DEFAULTS.weight_reg_weight
+    entropy_weight: float = _LORA2_DEFAULTS.entropy_weight
     rank_pattern: dict[str, int] = field(default_factory=dict)
     lora_dropout: float = 0.0
     exclude_modules: list[str] = field(default_factory=list)
