@@ -49,14 +49,18 @@ def _load_error(kind: str, name: str | Path, error: Exception) -> ValueError:
     )
 
 
-class DinoEncoder:
-    """ViT CLS-token image embeddings (DINO metric), from a hub id or a local ViTModel-like folder."""
+class _Encoder:
+    """A frozen fp32 model in eval mode with its processor, run in batches."""
 
     def __init__(self, model: torch.nn.Module, processor, device: str | torch.device = "cpu", batch_size: int = 16):
         self.model = model.to(device=device, dtype=torch.float32).eval()
         self.processor = processor
         self.device = torch.device(device)
         self.batch_size = batch_size
+
+
+class DinoEncoder(_Encoder):
+    """ViT CLS-token image embeddings (DINO metric), from a hub id or a local ViTModel-like folder."""
 
     @classmethod
     def from_pretrained(cls, name: str | Path = DEFAULT_DINO, device: str | torch.device = "cpu") -> DinoEncoder:
@@ -86,14 +90,8 @@ class DinoEncoder:
         return torch.cat(chunks)
 
 
-class ClipEncoder:
+class ClipEncoder(_Encoder):
     """CLIP image and text embeddings (CLIP-I, CLIP-T), from a hub id or a local CLIPModel folder."""
-
-    def __init__(self, model: torch.nn.Module, processor, device: str | torch.device = "cpu", batch_size: int = 16):
-        self.model = model.to(device=device, dtype=torch.float32).eval()
-        self.processor = processor
-        self.device = torch.device(device)
-        self.batch_size = batch_size
 
     @classmethod
     def from_pretrained(cls, name: str | Path = DEFAULT_CLIP, device: str | torch.device = "cpu") -> ClipEncoder:
