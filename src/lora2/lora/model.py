@@ -23,11 +23,6 @@ def ranks(model: nn.Module) -> dict[str, int]:
     return {name: layer.r for name, layer in lora_layers(model)}
 
 
-def nus(model: nn.Module) -> dict[str, float]:
-    """Current ν of every adaptive module."""
-    return {name: layer.nu.item() for name, layer in lora_layers(model) if layer.adaptive}
-
-
 class ImportanceHook:
     """Computes s·Λ of every adaptive layer of a model once per forward, in a few kernels for all layers.
 
