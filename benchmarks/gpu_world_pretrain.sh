@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
 # Pretrain the world's models on one GPU: the base SDXL pipeline (VAE, then UNet + text encoders) in one process
 # and, beside it on the same GPU, the CLIP then the DINO evaluator in another. Each phase stops at its wall-clock
-# budget (PretrainScale.*_seconds) and saves. Results: $OUT/{base,clip,dino}.tar, $OUT/samples.png, logs.
+# budget (PretrainScale.*_seconds) and saves. PARTS (default "base clip dino") picks the models to train.
+# INIT_FROM=<base pipeline folder> continues that base (UNet + text encoders, VAE kept) instead of starting anew;
+# BASE_SECONDS overrides the UNet phase's budget (e.g. 480 when no VAE phase runs).
+# Results: $OUT/clip.tar, $OUT/dino.tar, the base as 15 MB parts $OUT/base.tar.part-*, and $OUT/logs.tgz (logs and
+# samples.png, a grid of 4 held-out prompts x 4 seeds).
 #
-# usage: OUT=/tmp/out bash benchmarks/gpu_world_pretrain.sh [full|tiny] [cuda|cpu]
-# Unpack: for m in base clip dino; do tar -xf $OUT/$m.tar -C src/lora2/world/assets; done
+# usage: OUT=/tmp/out [PARTS="base clip"] bash benchmarks/gpu_world_pretrain.sh [full|tiny] [cuda|cpu]
+# Unpack: cat $OUT/base.tar.part-* | tar -xf - -C src/lora2/world/assets; tar -xf $OUT/clip.tar -C src/lora2/world/assets
 set -uo pipefail
 SCALE=${1:-full}
 DEVICE=${2:-cuda}
 OUT=${OUT:-/tmp/world_pretrain_out}
 WORK=${WORK:-/tmp/world_models}
+PARTS=${PARTS:-base clip dino}
+LOGS=$WORK/logs
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=${PYTHONPATH:-}:$PWD/src
-mkdir -p "$OUT" "$WORK"
+mkdir -p "$OUT" "$WORK" "$LOGS"
 start=$(date +%s)
-(nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true) >"$OUT/env.log" 2>&1
+(nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true) >"$LOGS/env.log" 2>&1
 python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)" \
-  >>"$OUT/env.log" 2>&1
+  >>"$LOGS/env.log" 2>&1
 
-python3 - "$WORK" "$SCALE" "$DEVICE" "$OUT" >"$OUT/base.log" 2>&1 <<'EOF' &
+base_pid=
+if [[ " $PARTS " == *" base "* ]]; then
+  python3 - "$WORK" "$SCALE" "$DEVICE" "$LOGS" >"$LOGS/base.log" 2>&1 <<'PY' &
 import logging, sys, time
 from pathlib import Path
 import numpy as np, torch
@@ -27,8 +35,10 @@ from diffusers import StableDiffusionXLPipeline
 from lora2.world import generator
 from lora2.world.pretrain import pretrain_base
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-work, scale, device, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
-path = pretrain_base(work / "base", device=device, scale=scale)
+work, scale, device, logs = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
+import os
+seconds = float(os.environ["BASE_SECONDS"]) if os.environ.get("BASE_SECONDS") else None
+path = pretrain_base(work / "base", device=device, scale=scale, seconds=seconds, init_from=os.environ.get("INIT_FROM") or None)
 # Sanity grid: 4 held-out (shape, colour) prompts x 4 seeds, as plain diffusers generates them.
 t0 = time.monotonic()
 pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=torch.float32).to(device)
@@ -40,28 +50,35 @@ for prompt in prompts:
                   generator=torch.Generator(device).manual_seed(0)).images
     rows.append(np.concatenate(list(images), axis=1))
     print("sample prompt:", prompt, flush=True)
-Image.fromarray((np.concatenate(rows) * 255).round().astype(np.uint8)).save(out / "samples.png")
+Image.fromarray((np.concatenate(rows) * 255).round().astype(np.uint8)).save(logs / "samples.png")
 print(f"samples in {time.monotonic() - t0:.1f} s", flush=True)
-EOF
-base_pid=$!
+PY
+  base_pid=$!
+fi
 
-python3 - "$WORK" "$SCALE" "$DEVICE" >"$OUT/evaluators.log" 2>&1 <<'EOF' &
+python3 - "$WORK" "$SCALE" "$DEVICE" $PARTS >"$LOGS/evaluators.log" 2>&1 <<'PY' &
 import logging, sys
 from pathlib import Path
 from lora2.world.evaluators import train_clip, train_dino
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-work, scale, device = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-train_clip(work / "clip", device=device, scale=scale)
-train_dino(work / "dino", device=device, scale=scale)
-EOF
+work, scale, device, parts = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+if "clip" in parts:
+    train_clip(work / "clip", device=device, scale=scale)
+if "dino" in parts:
+    train_dino(work / "dino", device=device, scale=scale)
+PY
 eval_pid=$!
 
 wait $eval_pid
-echo "evaluators exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
-wait $base_pid
-echo "base exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
-for m in base clip dino; do
-  [ -d "$WORK/$m" ] && tar -C "$WORK" -cf "$OUT/$m.tar" "$m"
+echo "evaluators exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOGS/env.log"
+for m in clip dino; do
+  [[ " $PARTS " == *" $m "* && -d "$WORK/$m" ]] && tar -C "$WORK" -cf "$OUT/$m.tar" "$m"
 done
-ls -la "$OUT" | tee -a "$OUT/env.log"
-tail -n 5 "$OUT/base.log" "$OUT/evaluators.log"
+if [ -n "$base_pid" ]; then
+  wait $base_pid
+  echo "base exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOGS/env.log"
+  [ -d "$WORK/base" ] && tar -C "$WORK" -cf - base | split -b 15m - "$OUT/base.tar.part-"
+fi
+ls -la "$OUT" | tee -a "$LOGS/env.log"
+tar czf "$OUT/logs.tgz" -C "$WORK" logs
+tail -n 3 "$LOGS"/*.log

@@ -19,11 +19,18 @@ adapter weights fp32, as the diffusers SDXL LoRA scripts do). Each row: warm-up 
 timed steps (device synchronised around each step), and the peak of ``torch.cuda.max_memory_allocated`` (reset
 per row, everything freed between rows). Rows are written to the JSON file as soon as they are measured.
 
+With ``--repeats N`` every row is measured in N rounds on the same model; a peft row and the LoRA² row of equal
+(rank, batch, grad_ckpt) run back to back, in swapped order every other round, so that drift of a shared machine
+hits both alike. A row reports the median over all timed steps of all rounds, the per-round medians and their
+spread; ``--budget-s`` starts no row or pair after the budget, nor one that its last round's time says would end
+past it. The CUDA-graph row first checks that the graphed step's adapter gradients equal the eager step's.
+
 Also measured once: a rank change of every adapted layer at once (through ``lora2.sync_ranks``, the function
 the optimizer post-step hook calls), and exporting an SDXL-size adapter to a file.
 
     python benchmarks/sdxl_train_step.py --out-dir $OUT --profile --warmup 2 --steps 10 --budget-s 290  # H200 run
     python benchmarks/sdxl_train_step.py --tiny --out-dir /tmp/bench --count-ops   # CPU smoke test, operator counts
+    python benchmarks/sdxl_train_step.py --tiny --repeats 2 --out-dir /tmp/perf_tiny  # CPU smoke test of rounds
     python benchmarks/sdxl_train_step.py --table benchmarks/results/sdxl_train_step.json  # Markdown table
 
 Results and their reading: docs/PERFORMANCE.md.
@@ -340,6 +347,70 @@ def count_ops(fn) -> int:
     return counter.count
 
 
+GRAD_RTOL = 1e-2  # bf16 autocast: products rounded to 8 mantissa bits (2^-8 ≈ 4e-3), atomics in some backward kernels
+
+
+def compare_gradients(
+    params: list[nn.Parameter], eager, other, names: list[str] | None = None, rtol: float = GRAD_RTOL
+) -> dict:
+    """Gradients of the same step from the same state through two implementations (no optimizer step between).
+
+    ``eager`` and ``other`` each set ``.grad`` of ``params`` (forward and backward) and return the loss. Order:
+    eager, eager, other, eager. The second eager run's difference from the first (non-deterministic reductions) is
+    the reference noise level; the last one checks that ``other`` left no state behind that changes an eager step.
+    Reported per parameter kind (the name's last component: lora_A, lora_B, log_nu, ...): max |g_other − g_eager|
+    and that difference relative to max |g_eager|; passes when every relative difference, of ``other`` and of the
+    last eager run, is ≤ ``rtol``.
+    """
+    names = names or [f"param{i}" for i in range(len(params))]
+    kinds = [name.rpartition(".")[2] for name in names]
+
+    def grads() -> list[torch.Tensor]:
+        return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    def max_diff(reference: list[torch.Tensor]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for kind, ref, param in zip(kinds, reference, params):
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            out[kind] = max(out.get(kind, 0.0), float((grad.float() - ref.float()).abs().max()))
+        return out
+
+    loss_eager = float(eager().detach())
+    reference = grads()
+    scale: dict[str, float] = {}
+    for kind, ref in zip(kinds, reference):
+        scale[kind] = max(scale.get(kind, 0.0), float(ref.abs().max()))
+    loss_again = float(eager().detach())
+    eager_diff = max_diff(reference)
+    loss_other = float(other().detach())
+    other_diff = max_diff(reference)
+    loss_after = float(eager().detach())
+    after_diff = max_diff(reference)
+    del reference
+
+    def relative(diff: dict[str, float]) -> dict[str, float]:
+        return {kind: diff[kind] / scale[kind] if scale[kind] > 0 else diff[kind] for kind in diff}
+
+    rel, after_rel = relative(other_diff), relative(after_diff)
+    return {
+        "graph_vs_eager_max_abs_diff": max(other_diff.values()),
+        "graph_vs_eager_rel_diff": max(rel.values()),
+        "graph_vs_eager_by_param": {
+            kind: {"max_abs_diff": other_diff[kind], "rel_diff": rel[kind], "max_abs_grad": scale[kind]}
+            for kind in rel
+        },
+        "eager_vs_eager_max_abs_diff": max(eager_diff.values()),
+        "graph_vs_eager_loss_diff": abs(loss_other - loss_eager),
+        "eager_vs_eager_loss_diff": abs(loss_again - loss_eager),
+        "eager_after_graph_rel_diff": max(after_rel.values()),
+        "eager_after_graph_loss_diff": abs(loss_after - loss_eager),
+        "graph_check_rtol": rtol,
+        "graph_check": "adapter .grad after one forward+backward from the same state (eager, eager, graph, eager); "
+        "rel = max|Δg| / max|g_eager|",
+        "graph_vs_eager_ok": all(value <= rtol for value in [*rel.values(), *after_rel.values()]),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------- one row
 class Bench:
     """Holds the current backbone model and measures rows on it."""
@@ -367,8 +438,11 @@ class Bench:
     def autocast(self, cache_enabled: bool = True):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
 
-    def measure(self, spec: RowSpec) -> dict:
+    def measure(self, spec: RowSpec, round_index: int = 0) -> dict:
+        """One round of one row: warm-up, timed steps, peak memory; extras (operator count, profile, rank change,
+        export) in round 0 only."""
         args = self.args
+        first_round = round_index == 0
         unet = self.model(spec.backbone)
         free_memory(self.device)
         base_gib = allocated_gib(self.device)
@@ -391,13 +465,15 @@ class Bench:
         call = UNetCall(unet)
         sample = inputs["sample"].requires_grad_(spec.method == "floor")
         cond = (inputs["timestep"], inputs["encoder_hidden_states"], inputs["text_embeds"], inputs["time_ids"])
+        graphed = spec.method == "lora2+cudagraph"
+        layers = [layer for _, layer in lora2.lora_layers(unet)] if graphed else []  # the same objects at any rank
         graph = {"fn": None, "ranks": None, "captures": 0, "capture_s": []}
 
-        def forward() -> torch.Tensor:
-            if spec.method != "lora2+cudagraph":
+        def forward(use_graph: bool) -> torch.Tensor:
+            if not use_graph:
                 with self.autocast():
                     return call(sample, *cond)
-            current = tuple(layer.r for _, layer in lora2.lora_layers(unet))
+            current = tuple(layer.r for layer in layers)
             if graph["fn"] is None or graph["ranks"] != current:
                 start = time.perf_counter()
                 with self.autocast(cache_enabled=False):
@@ -405,22 +481,28 @@ class Bench:
                 graph["ranks"], graph["captures"] = current, graph["captures"] + 1
                 graph["capture_s"].append(time.perf_counter() - start)
             with self.autocast(cache_enabled=False):
-                return graph["fn"](sample, *cond)
+                pred = graph["fn"](sample, *cond)  # (B, 4, h, w)
+            return pred
 
-        def step() -> torch.Tensor:
+        def forward_backward(use_graph: bool = graphed) -> torch.Tensor:
+            """Gradients of one step into ``.grad`` (set, not accumulated); returns the loss."""
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
             else:
                 sample.grad = None
             if entropy_start is not None:
                 entropy_start()
-            pred = forward()  # (B, 4, h, w)
+            pred = forward(use_graph)  # (B, 4, h, w)
             loss = F.mse_loss(pred.float(), inputs["target"])
             if lora2_method:
                 loss = loss + lora2.regularization(unet)
             if entropy_loss is not None:
                 loss = loss + entropy_weight * entropy_loss()
             loss.backward()
+            return loss
+
+        def step() -> torch.Tensor:
+            loss = forward_backward()
             if optimizer is not None:
                 optimizer.step()  # LoRA²: the post-step hook updates ranks here
             return loss
@@ -428,16 +510,29 @@ class Bench:
         losses = []
         for _ in range(args.warmup):
             losses.append(step().detach())
-        ops = count_ops(step) if args.count_ops else None
+        ops = count_ops(step) if args.count_ops and first_round else None
+        check = None
+        if graphed and args.graph_check and first_round:
+            names = [name for name, p in unet.named_parameters() if p.requires_grad]
+            try:
+                check = compare_gradients(
+                    params, lambda: forward_backward(False), lambda: forward_backward(True), names
+                )
+                logger.info("CUDA graph vs eager: %s", json.dumps(check))
+            except Exception as exc:  # noqa: BLE001 - recorded in the row; the timing still runs
+                logger.exception("CUDA graph gradient check failed for %s", spec.key)
+                check = {"graph_check_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         self.timer.sync()
-        finite = bool(torch.isfinite(torch.stack(losses)).all())
+        finite = bool(torch.isfinite(torch.stack(losses)).all()) if losses else None
         times = [self.timer(step) for _ in range(args.steps)]
         median = statistics.median(times)
         row = {
             **asdict(spec),
+            "round": round_index,
             "median_step_s": median,
             "min_step_s": min(times),
             "max_step_s": max(times),
+            "step_times_s": times,
             "steps_timed": len(times),
             "warmup_steps": args.warmup,
             "peak_mem_gib": peak_gib(self.device),
@@ -447,6 +542,8 @@ class Bench:
         }
         if ops is not None:
             row["ops_per_step"] = ops
+        if check is not None:
+            row.update(check)
         if lora2_method:
             config = next(iter(lora2.lora_layers(unet)))[1].config
             keys = ("lambda_scaling", "chunk_size", "max_rank", "quantile")
@@ -459,10 +556,11 @@ class Bench:
         if spec.method == "lora2+cudagraph":
             row["graph_captures"] = graph["captures"]
             row["graph_capture_s"] = graph["capture_s"]
-        if args.profile and spec.batch == args.batches[0] and not spec.grad_ckpt and spec.rank == args.ranks[0]:
+        extras = first_round and spec.batch == args.batches[0] and not spec.grad_ckpt
+        if args.profile and extras and spec.rank == args.ranks[0]:
             if spec.method in ("peft", "lora2") and spec.backbone == "sdxl":
                 self.guarded("profile", spec, lambda: self.profile(spec, step))
-        if spec.method == "lora2" and spec.backbone == "sdxl" and not spec.grad_ckpt and spec.batch == args.batches[0]:
+        if extras and spec.method == "lora2" and spec.backbone == "sdxl":
             if spec.rank == args.ranks[0]:
                 self.guarded("rank_change", spec, lambda: self.rank_change(spec, unet, optimizer, step, median))
             self.guarded("export", spec, lambda: self.export(spec, unet))
@@ -562,7 +660,12 @@ class Bench:
 
 # ---------------------------------------------------------------------------------------------------- table
 def add_ratios(rows: list[dict]) -> None:
-    """ratio_*_vs_peft against the peft row of equal backbone, rank, batch and checkpointing; *_vs_floor too."""
+    """ratio_*_vs_peft against the peft row of equal backbone, rank, batch and checkpointing; *_vs_floor too.
+
+    The ratios divide the rows' medians over all rounds; with several rounds, ``round_ratio_time_vs_peft`` also
+    lists the ratio of the two round medians in each round both rows ran (measured back to back) and
+    ``ratio_time_vs_peft_round_median`` their median, which machine drift between rounds does not move.
+    """
     for row in rows:
         row["ratio_time_vs_peft"] = row["ratio_mem_vs_peft"] = row["ratio_time_vs_floor"] = None
         if "median_step_s" not in row:
@@ -573,6 +676,15 @@ def add_ratios(rows: list[dict]) -> None:
                 row["ratio_time_vs_peft"] = row["median_step_s"] / other["median_step_s"]
                 if row["peak_mem_gib"] is not None:
                     row["ratio_mem_vs_peft"] = row["peak_mem_gib"] / other["peak_mem_gib"]
+                peft_rounds = dict(zip(other.get("round_index", []), other.get("round_median_step_s", [])))
+                paired = [
+                    value / peft_rounds[index]
+                    for index, value in zip(row.get("round_index", []), row.get("round_median_step_s", []))
+                    if index in peft_rounds
+                ]
+                if paired and row["method"] != "peft":
+                    row["round_ratio_time_vs_peft"] = paired
+                    row["ratio_time_vs_peft_round_median"] = statistics.median(paired)
             if same and other["method"] == "floor" and "median_step_s" in other:
                 row["ratio_time_vs_floor"] = row["median_step_s"] / other["median_step_s"]
 
@@ -611,9 +723,9 @@ def markdown_table(rows: list[dict]) -> str:
         return "—" if value is None else format(value, spec)
 
     lines = [
-        "| backbone | method | rank | batch | grad ckpt | median step (s) | peak mem (GiB) | time / peft | "
-        "mem / peft | time / floor | targets |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backbone | method | rank | batch | grad ckpt | median step (s) | rounds: min–max of round medians (s) | "
+        "peak mem (GiB) | time / peft | time / peft, median of rounds | mem / peft | time / floor | targets |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         head = (
@@ -621,14 +733,92 @@ def markdown_table(rows: list[dict]) -> str:
             f"{'yes' if row['grad_ckpt'] else 'no'} |"
         )
         if "median_step_s" not in row:
-            lines.append(f"{head} {row.get('error', 'not run')} | | | | | |")
+            lines.append(f"{head} {row.get('error', 'not run')} | | | | | | | |")
             continue
+        spread = row.get("round_spread_s")
+        rounds = f"{row.get('rounds', 1)}: {spread[0]:.3f}–{spread[1]:.3f}" if spread else "1"
         lines.append(
-            f"{head} {row['median_step_s']:.3f} | {fmt(row['peak_mem_gib'], '.2f')} | "
-            f"{fmt(row['ratio_time_vs_peft'], '.2f')} | {fmt(row['ratio_mem_vs_peft'], '.2f')} | "
-            f"{fmt(row['ratio_time_vs_floor'], '.2f')} | {verdict(row)} |"
+            f"{head} {row['median_step_s']:.3f} | {rounds} | {fmt(row['peak_mem_gib'], '.2f')} | "
+            f"{fmt(row['ratio_time_vs_peft'], '.2f')} | {fmt(row.get('ratio_time_vs_peft_round_median'), '.2f')} | "
+            f"{fmt(row['ratio_mem_vs_peft'], '.2f')} | {fmt(row['ratio_time_vs_floor'], '.2f')} | {verdict(row)} |"
         )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- rounds
+PAIRED = ("peft", "lora2")
+
+
+def pair_groups(specs: list[RowSpec]) -> list[list[RowSpec]]:
+    """Consecutive peft and LoRA² rows of equal (backbone, rank, batch, grad_ckpt) form a group; others are alone."""
+    groups: list[list[RowSpec]] = []
+    for spec in specs:
+        last = groups[-1] if groups else []
+        pairable = spec.method in PAIRED and all(s.method in PAIRED and s.method != spec.method for s in last)
+        if (
+            last
+            and pairable
+            and (last[0].backbone, last[0].rank, last[0].batch, last[0].grad_ckpt)
+            == (
+                spec.backbone,
+                spec.rank,
+                spec.batch,
+                spec.grad_ckpt,
+            )
+        ):
+            last.append(spec)
+        else:
+            groups.append([spec])
+    return groups
+
+
+def schedule(specs: list[RowSpec], repeats: int, once: set[str]) -> list[tuple[int, list[RowSpec]]]:
+    """(round, group) in run order: backbone by backbone (one model build each), ``repeats`` rounds per backbone,
+    each round every group in the order of importance, a peft/LoRA² pair back to back and in swapped order every
+    other round, so that drift of the machine hits both alike. Methods in ``once`` run in the first round only."""
+    order = []
+    for backbone in dict.fromkeys(spec.backbone for spec in specs):
+        groups = pair_groups([spec for spec in specs if spec.backbone == backbone])
+        for round_index in range(repeats):
+            for group in groups:
+                group = [spec for spec in group if round_index == 0 or spec.method not in once]
+                if group:
+                    order.append((round_index, group if round_index % 2 == 0 else group[::-1]))
+    return order
+
+
+def aggregate(spec: RowSpec, samples: list[dict], notes: dict, common: dict) -> dict:
+    """One row from its rounds: the median over all timed steps of all rounds, per-round medians and their spread."""
+    if not samples:
+        return {**asdict(spec), **common, "error": notes["errors"][-1] if notes["errors"] else notes["skip_reason"]}
+    row = {key: value for key, value in samples[0].items() if key not in ("round", "step_times_s")}
+    times = [t for sample in samples for t in sample["step_times_s"]]
+    medians = [sample["median_step_s"] for sample in samples]
+    peaks = [sample["peak_mem_gib"] for sample in samples]
+    row.update(
+        median_step_s=statistics.median(times),
+        min_step_s=min(times),
+        max_step_s=max(times),
+        steps_timed=len(times),
+        rounds=len(samples),
+        round_index=[sample["round"] for sample in samples],
+        round_median_step_s=medians,
+        round_spread_s=[min(medians), max(medians)],
+        round_spread_rel=(max(medians) - min(medians)) / statistics.median(medians),
+        round_step_times_s=[sample["step_times_s"] for sample in samples],
+        peak_mem_gib=None if peaks[0] is None else max(peaks),
+        round_peak_mem_gib=peaks,
+        loss_finite=all(sample["loss_finite"] is not False for sample in samples),
+        **common,
+    )
+    if "mean_rank" in samples[-1]:
+        row["mean_rank"] = samples[-1]["mean_rank"]  # at the end of the last round
+    if notes["skipped"]:
+        row["rounds_skipped"] = notes["skipped"]
+        row["skip_reason"] = notes["skip_reason"]
+    if notes["errors"]:
+        row["round_errors"] = notes["errors"]
+    return row
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -645,12 +835,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=int, default=8)
     parser.add_argument("--lambda-scaling", default=None, help="LoRA2Config.lambda_scaling (default: its default)")
     parser.add_argument("--latent", type=int, default=None, help="latent side (default 128 = 1024 px; tiny 8)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per row and round (3; tiny 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per row and round (10; tiny 2)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--entropy-weight", type=float, default=1e-4)
     parser.add_argument("--token-index", type=int, default=1, help="identifier token position in the prompt")
-    parser.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no row or pair after this many seconds, nor one whose last round would end past it",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all rows (peft/LoRA² pairs interleaved)")
+    parser.add_argument("--once", default="lora2+cudagraph", help="methods measured in the first round only")
+    parser.add_argument(
+        "--no-graph-check",
+        dest="graph_check",
+        action="store_false",
+        help="skip comparing the CUDA-graph step's adapter gradients with the eager step's",
+    )
     parser.add_argument("--only", default=None, help="comma-separated methods to run (default: all)")
     parser.add_argument("--profile", action="store_true", help="profile one peft and one LoRA² step")
     parser.add_argument("--count-ops", action="store_true", help="count dispatched operators of one step (CPU)")
@@ -663,6 +866,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise ValueError(f"--ranks must be two increasing ranks low,high, got {args.ranks}")
     args.max_rank = args.max_rank or args.ranks[1]
     args.latent = args.latent or (8 if args.tiny else 128)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    args.steps = args.steps if args.steps is not None else (2 if args.tiny else 10)
+    if args.steps < 1:
+        raise ValueError(f"--steps must be ≥ 1, got {args.steps}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be ≥ 1, got {args.repeats}")
+    args.once = [method for method in args.once.split(",") if method]
     return args
 
 
@@ -680,31 +890,69 @@ def main(argv: list[str] | None = None) -> list[dict]:
     specs = default_rows(args.ranks, args.backbones, args.batches)
     if args.only:
         specs = [s for s in specs if s.method in args.only.split(",")]
-    if args.device.startswith("cpu"):
-        specs = [s for s in specs if s.method != "lora2+cudagraph"]  # CUDA graphs need a GPU
     bench = Bench(args)
-    rows: list[dict] = []
     common = {"latent": args.latent, "px": args.latent * 8, "dtype": "bf16 autocast, base bf16, adapters fp32", **env}
     table_path = args.out_dir / "sdxl_train_step.json"
     extras_path = args.out_dir / "rank_change_export.json"
+    samples: dict[str, list[dict]] = {spec.key: [] for spec in specs}
+    notes = {spec.key: {"skipped": 0, "errors": [], "skip_reason": "not run"} for spec in specs}
+    runnable = []
     for spec in specs:
-        elapsed = time.perf_counter() - start
-        if args.budget_s is not None and elapsed > args.budget_s:
-            rows.append({**asdict(spec), **common, "error": f"skipped: time budget ({elapsed:.0f} s elapsed)"})
-            logger.info("skip %s (budget)", spec.key)
+        if spec.method == "lora2+cudagraph" and bench.device.type != "cuda":  # timing and gradient check need CUDA
+            notes[spec.key]["skip_reason"] = f"skipped: CUDA graphs need a CUDA device, not {bench.device.type}"
+            logger.info("skip %s: %s", spec.key, notes[spec.key]["skip_reason"])
         else:
-            logger.info("row %s ...", spec.key)
-            try:
-                rows.append({**bench.measure(spec), **common})
-                logger.info("row %s: %.3f s, %s GiB", spec.key, rows[-1]["median_step_s"], rows[-1]["peak_mem_gib"])
-            except Exception as exc:  # an OOM or a failed capture must not lose the other rows
-                logger.exception("row %s failed", spec.key)
-                rows.append({**asdict(spec), **common, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-                bench.backbone = bench.unet = None  # rebuild: the model may hold half-injected adapters
-                free_memory(bench.device)
+            runnable.append(spec)
+
+    def write_results(final: bool) -> list[dict]:
+        """Rows reached so far (all rows when ``final``), written at once: a killed run keeps what it measured."""
+        reached = [spec for spec in specs if final or samples[spec.key] or any(notes[spec.key][k] for k in notes_keys)]
+        rows = [aggregate(spec, samples[spec.key], notes[spec.key], common) for spec in reached]
         add_ratios(rows)
         table_path.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
         extras_path.write_text(json.dumps({"env": env, "results": bench.extras}, indent=1) + "\n", encoding="utf-8")
+        return rows
+
+    notes_keys = ("errors", "skipped")
+    group_seconds: dict[tuple[str, ...], float] = {}  # wall time of each group's last run: the next round's estimate
+    for round_index, group in schedule(runnable, args.repeats, set(args.once)):
+        group_key = tuple(sorted(spec.key for spec in group))
+        elapsed = time.perf_counter() - start
+        estimate = group_seconds.get(group_key, 0.0)
+        if args.budget_s is not None and elapsed + estimate > args.budget_s:
+            for spec in group:
+                notes[spec.key]["skipped"] += 1
+                notes[spec.key]["skip_reason"] = (
+                    f"skipped: time budget ({elapsed:.0f} s + {estimate:.0f} s estimated > {args.budget_s:g} s)"
+                )
+            logger.info(
+                "skip round %d of %s (budget: %.0f s elapsed, %.0f s estimated)",
+                round_index,
+                "+".join(spec.method for spec in group),
+                elapsed,
+                estimate,
+            )
+            continue
+        group_start = time.perf_counter()
+        for spec in group:
+            logger.info("round %d row %s ...", round_index, spec.key)
+            try:
+                samples[spec.key].append(bench.measure(spec, round_index))
+                logger.info(
+                    "round %d row %s: %.3f s, %s GiB",
+                    round_index,
+                    spec.key,
+                    samples[spec.key][-1]["median_step_s"],
+                    samples[spec.key][-1]["peak_mem_gib"],
+                )
+            except Exception as exc:  # an OOM or a failed capture must not lose the other rows
+                logger.exception("round %d row %s failed", round_index, spec.key)
+                notes[spec.key]["errors"].append(f"round {round_index}: {type(exc).__name__}: {str(exc)[:200]}")
+                bench.backbone = bench.unet = None  # rebuild: the model may hold half-injected adapters
+                free_memory(bench.device)
+        group_seconds[group_key] = time.perf_counter() - group_start
+        write_results(False)
+    rows = write_results(True)
     print(markdown_table(rows))
     logger.info("total %.1f s", time.perf_counter() - start)
     return rows

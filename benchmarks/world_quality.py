@@ -8,7 +8,8 @@ Two parts (``--part``), each written into one JSON file (``--out``, merged with 
   - Attribute accuracy: colour by pixel statistics of the foreground (pixels farther than ``FG_DIST`` from every
     background pixel of the prompt's background rendered alone; each foreground pixel votes for the nearest world
     colour or its pattern shade; majority wins), shape by CLIP zero-shot over "a photo of a {shape}", position by
-    the foreground centroid. The same checks on the world's own renders of the same scenes give their ceiling.
+    the foreground centroid. The same checks on the world's own renders of the same scenes give their ceiling, and
+    on those renders passed through the base model's VAE the ceiling its latent space allows.
 * ``dreambooth``: per subject, DINO (world DINO evaluator, CLS cosine, mean over generated × reference images) of
   "a photo of sks {class}" generations before and after a fixed-rank LoRA DreamBooth run
   (``lora2.inject(pipe.unet, LoRA2Config(adaptive=False, init_rank=16))``, a minimal ε-prediction loop on the
@@ -74,6 +75,14 @@ def generate(pipe, prompts: list[str], seed: int, batch: int = 16, guidance: flo
         ).images
         out.extend((images * 255).round().astype(np.uint8))
     return out
+
+
+@torch.no_grad()
+def vae_round_trip(pipe, images: np.ndarray) -> list[np.ndarray]:
+    """uint8 N×H×W×3 images through the base model's VAE (posterior mean, decode): what its latent space keeps."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # N×3×H×W
+    y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1.0, 1.0)  # N×3×H×W
+    return list(((y + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
 
 
 def background_pixels(background: str, size: int) -> torch.Tensor:
@@ -233,6 +242,7 @@ def prompt_following(models: dict, num: int, seed: int, held_out: str = "only") 
             "clip_t": clip_t(models, list(renders), prompts),
             "attributes": attribute_checks(models, list(renders), scenes),
         },
+        "vae_round_trip": {"attributes": attribute_checks(models, vae_round_trip(pipe, renders), scenes)},
         "example_prompts": prompts[:4],
     }
     grid = np.concatenate([np.concatenate(images[i : i + 8], axis=1) for i in range(0, min(num, 32) // 8 * 8, 8)])

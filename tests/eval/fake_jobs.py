@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
     if stage == "train":
         for flag in ("--instance-data-dir", "--output-dir", "--seed", "--base", "--max-train-steps", "--device",
                      "--rank-mode", "--init-rank", "--max-rank", "--entropy-weight", "--rank-reg-weight", "--resume",
-                     "--resolution"):  # fmt: skip
+                     "--resolution", "--adapter-type", "--target-rank"):  # fmt: skip
             parser.add_argument(flag)
         parser.add_argument("--overwrite", action="store_true")
         args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lora2.cli import main
-from lora2.eval.bench import RESIZE_COMMAND, Bench, BenchConfig, bench, method_registry, resolve_methods
+from lora2.eval.bench import RESIZE_COMMAND, Bench, BenchConfig, Method, bench, method_registry, resolve_methods
 from lora2.eval.evaluate import adapter_summary
 from lora2.eval.report import report
 
@@ -34,12 +34,22 @@ def _calls(path: Path) -> list[list[str]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def _with_unsupported(monkeypatch) -> None:
+    """A registry with one unsupported method (no built-in method is unsupported any more)."""
+    from lora2.eval import bench as bench_module
+
+    registry = method_registry()
+    registry["notyet"] = Method("notyet", "a method", kind="unsupported", reason="lora2 train has no NotYet option")
+    monkeypatch.setattr(bench_module, "method_registry", lambda: registry)
+
+
 def test_bench_resumes_and_records_a_crash(tmp_path, dreambooth_root, monkeypatch):
     calls = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_CALLS", str(calls))
     monkeypatch.setenv("FAKE_CRASH_RANK", "16")
+    _with_unsupported(monkeypatch)
     out = tmp_path / "bench"
-    states = bench(_config(out, dreambooth_root, ["fixed-8", "fixed-16", "lora2", "adalora"]))
+    states = bench(_config(out, dreambooth_root, ["fixed-8", "fixed-16", "lora2", "notyet"]))
     assert states == {"done": 4, "failed": 2, "unsupported": 2}
 
     cell = out / "cells" / "toy1" / "fixed-16" / "seed0"
@@ -52,13 +62,13 @@ def test_bench_resumes_and_records_a_crash(tmp_path, dreambooth_root, monkeypatc
     assert "--rank-mode" in trains[0] and "--max-train-steps" in trains[0] and "--device" in trains[0]
     log = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
     assert sum(e["event"] == "failed" for e in log) == 2 and sum(e["event"] == "unsupported" for e in log) == 2
-    adalora = json.loads((out / "cells" / "toy1" / "adalora" / "seed0" / "status.json").read_text())
-    assert adalora["state"] == "unsupported" and "AdaLoRA" in adalora["error"]
+    notyet = json.loads((out / "cells" / "toy1" / "notyet" / "seed0" / "status.json").read_text())
+    assert notyet["state"] == "unsupported" and "NotYet" in notyet["error"]
     assert (out / "cells" / "toy1" / "lora2" / "seed1" / "run" / "eval.json").is_file()
 
     # second call: finished cells and recorded failures are skipped, nothing is run again
     calls.unlink()
-    assert bench(_config(out, dreambooth_root, ["fixed-8", "fixed-16", "lora2", "adalora"])) == states
+    assert bench(_config(out, dreambooth_root, ["fixed-8", "fixed-16", "lora2", "notyet"])) == states
     assert _calls(calls) == []
     # --retry-failed reruns only the failed cells
     monkeypatch.delenv("FAKE_CRASH_RANK")

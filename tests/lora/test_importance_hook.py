@@ -82,3 +82,25 @@ def test_hook_follows_rank_changes_and_unload_removes_it():
     assert torch.allclose(layer(x), expected, atol=1e-6)
     lora2.unload(net)
     assert not hasattr(net, "_lora2_importance_hook") and not net._forward_pre_hooks
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_regularization_shares_nu_with_the_forward_and_survives_its_backward(separate):
+    # The hook's stacked ν is reused by the rank regularization; after the forward's backward it must not be reused
+    # (its graph is freed), so "loss.backward(); regularization(net).backward()" works and gives the same gradients.
+    net = _model("first", alpha=None)
+    x = torch.randn(4, 8)
+    out = net(x).square().sum()
+    if separate:
+        out.backward()
+        assert net._lora2_importance_hook.current_nu() is None
+        lora2.regularization(net).backward()
+    else:
+        assert net._lora2_importance_hook.current_nu() is not None
+        (out + lora2.regularization(net)).backward()
+    grads = [p.grad.clone() for p in net.parameters() if p.requires_grad]
+    reference = _model("first", alpha=None)
+    reference._lora2_importance_hook.remove()
+    (reference(x).square().sum() + lora2.regularization(reference)).backward()
+    for a, b in zip(grads, (p.grad for p in reference.parameters() if p.requires_grad)):
+        assert torch.allclose(a, b, atol=1e-6)

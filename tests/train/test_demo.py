@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lora2.cli import main
 from lora2.train.model import world_path
 
@@ -23,3 +25,10 @@ def test_demo_writes_its_outputs(tmp_path):
     if world_path("dino_evaluator") and world_path("clip_evaluator"):
         metrics = json.loads((tmp_path / "metrics.json").read_text())
         assert set(metrics) == {"base", "lora2"} and set(metrics["lora2"]) == {"dino", "clip_i", "clip_t"}
+
+
+def test_demo_names_an_unknown_subject(tmp_path):
+    from lora2.train.demo import demo
+
+    with pytest.raises(ValueError, match="no_such_subject"):
+        demo(tmp_path, max_train_steps=1, subject="no_such_subject")

@@ -124,3 +124,16 @@ def test_committed_models_load_with_plain_calls_and_denoise():
     assert dino_embed(dino, dino_processor, images).shape == (1, dino.config.hidden_size)
     evaluator_size = sum(f.stat().st_size for d in ("clip", "dino") for f in (ASSETS / d).rglob("*") if f.is_file())
     assert evaluator_size <= 20e6
+
+
+def test_continuing_a_base_keeps_its_vae_and_trains_the_unet(world_dir, tmp_path):
+    from lora2.world.pretrain import pretrain_base
+
+    first = StableDiffusionXLPipeline.from_pretrained(world_dir / "base", torch_dtype=torch.float32)
+    out = pretrain_base(tmp_path / "base", device="cpu", scale="tiny", seed=1, init_from=world_dir / "base")
+    second = StableDiffusionXLPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    assert second.vae.config.scaling_factor == first.vae.config.scaling_factor
+    for (name, a), b in zip(first.vae.state_dict().items(), second.vae.state_dict().values()):
+        assert torch.equal(a, b), name
+    moved = [not torch.equal(a, b) for a, b in zip(first.unet.parameters(), second.unet.parameters())]
+    assert any(moved)

@@ -33,13 +33,14 @@ def _generate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from lora2.train.demo import demo
 
-    demo(args.out, max_train_steps=args.steps, overwrite=args.overwrite)
+    demo(args.out, max_train_steps=args.steps, overwrite=args.overwrite, subject=args.subject)
     return 0
 
 
 def register(subparsers) -> None:
     """Add the ``train``, ``generate`` and ``demo`` subcommands."""
     from lora2.train.config import add_config_arguments
+    from lora2.train.demo import DEMO_SUBJECT
 
     train = subparsers.add_parser(
         "train",
@@ -70,4 +71,5 @@ def register(subparsers) -> None:
     demo.add_argument("--out", default="lora2_demo", help="output folder")
     demo.add_argument("--steps", type=int, default=150, help="training steps")
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
+    demo.add_argument("--subject", default=DEMO_SUBJECT, help="world subject (lora2 world subjects lists them)")
     demo.set_defaults(func=_demo)

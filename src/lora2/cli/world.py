@@ -39,8 +39,12 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from lora2.world.pretrain import pretrain_world
+    from lora2.world.pretrain import pretrain_base, pretrain_world
 
+    if args.init_from:
+        options = {"steps": args.steps, "device": args.device, "scale": args.scale, "seed": args.seed}
+        print(pretrain_base(Path(args.out) / "base", init_from=args.init_from, **options))
+        return 0
     print(pretrain_world(Path(args.out), scale=args.scale, device=args.device, steps=args.steps, seed=args.seed))
     return 0
 
@@ -52,6 +56,9 @@ def _add_pretrain(sub) -> None:
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     parser.add_argument("--steps", type=int, default=None, help="UNet steps (wall-clock budgets still apply)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--init-from", help="continue the UNet + text encoders of this base pipeline (VAE kept) into OUT/base"
+    )
     parser.set_defaults(func=_pretrain)
 
 

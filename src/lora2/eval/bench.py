@@ -44,6 +44,9 @@ FIXED_RANKS = (8, 16, 32, 64, 128, 256, 512)
 # λ_e of the "lora2" method: the value of both third-party reimplementations (docs/LORA2_METHOD.md); set here
 # explicitly because the trainer's default entropy_weight is 0, which would make lora2 == lora2-noentropy.
 LORA2_ENTROPY_WEIGHT = 1e-4
+# sizes of the peft baselines, comparable to lora2's measured mean rank of about 24 (docs/RESULTS.md)
+DORA_RANK = 32
+ADALORA_RANKS = (32, 16)  # init_r → target_r (mean final rank per layer)
 ADAPTER_FILE = ADAPTER_NAMES[0]
 RUN_CONFIG = "train_config.yaml"
 MAX_ATTEMPTS = 2
@@ -66,7 +69,7 @@ class Method:
     train_args: ``lora2 train`` options (TrainConfig field names) that define the method; for "resize" methods the
         options of ``svd_resize``.
     kind: "train" (a training run), "resize" (SVD truncation of another cell's adapter), or "unsupported"
-        (recorded as such with ``reason``, never run).
+        (recorded as such with ``reason``, never run; no built-in method is unsupported any more).
     depends_on: methods of the same subject and seed whose adapters this one needs.
     """
 
@@ -106,15 +109,20 @@ def method_registry() -> dict[str, Method]:
             depends_on=("fixed-512", "lora2"),
         ),
     ]
-    for name, title in (("adalora", "AdaLoRA"), ("dora", "DoRA")):
-        methods.append(
-            Method(
-                name,
-                f"peft {title} at a size comparable to lora2",
-                kind="unsupported",
-                reason=f"lora2 train has no {title} option yet (needs a trainer option selecting peft's {title})",
-            )
-        )
+    # the peft baselines bracket LoRA²'s measured mean rank (~24, docs/RESULTS.md): AdaLoRA ends below it, DoRA above
+    methods += [
+        Method(
+            "adalora",
+            f"peft AdaLoRA, init rank {ADALORA_RANKS[0]} pruned to a mean rank of {ADALORA_RANKS[1]} per layer "
+            "(budget schedule over the middle 70 % of the steps, orthogonal regularisation 0.5)",
+            {"adapter_type": "adalora", "init_rank": ADALORA_RANKS[0], "target_rank": ADALORA_RANKS[1]},
+        ),
+        Method(
+            "dora",
+            f"peft DoRA, rank {DORA_RANK} in every layer plus one magnitude per output feature",
+            {"adapter_type": "dora", "init_rank": DORA_RANK},
+        ),
+    ]
     return {m.name: m for m in methods}
 
 
@@ -311,6 +319,7 @@ class Bench:
             raise ValueError(f"--base {config.base} has no model_index.json (not a diffusers pipeline folder)")
         if not config.base:
             default_base()  # the trainer's default: the world model, which must be ready
+        self._check_train_args()
         if not config.skip_eval:
             self._check_evaluators()
         self.cells = [
@@ -321,6 +330,27 @@ class Bench:
         ]
         self.log_path = self.out / "cells.jsonl"
         self._check_same_settings()
+
+    def _check_train_args(self) -> None:
+        """Every training method's ``lora2 train`` options, with --steps and --train-arg, must make a valid
+        TrainConfig (e.g. AdaLoRA's schedule must fit the step count): parsed as the train job will parse them."""
+        import argparse
+
+        from lora2.train.config import add_config_arguments, config_from_args
+
+        parser = argparse.ArgumentParser(prog="lora2 train", exit_on_error=False)
+        add_config_arguments(parser)
+        steps = ["--max-train-steps", str(self.config.steps)] if self.config.steps else []
+        for method in self.methods:
+            if method.kind != "train":
+                continue
+            flags = _method_flags(method.train_args) + _parse_options(self.config.train_args) + steps
+            try:
+                config_from_args(parser.parse_args(flags))
+            except (argparse.ArgumentError, ValueError) as error:
+                raise ValueError(f"method {method.name!r}: invalid training options {flags}: {error}") from error
+            except SystemExit as error:  # argparse exits on unknown flags even with exit_on_error=False
+                raise ValueError(f"method {method.name!r}: invalid training options {flags}") from error
 
     def _check_evaluators(self) -> None:
         """Local evaluator folders must exist; a hub id (no network on GPU hosts) gets a warning before training."""
@@ -357,7 +387,9 @@ class Bench:
         if config.steps:
             command += ["--max-train-steps", str(config.steps)]
         command += _method_flags(cell.method.train_args) + _parse_options(config.train_args)
-        if any(p.name.startswith("checkpoint-") for p in cell.run.glob("checkpoint-*")):
+        # AdaLoRA cannot resume (its importance statistics are not checkpointed): an interrupted cell starts again
+        resumable = cell.method.train_args.get("adapter_type") != "adalora"
+        if resumable and any(p.name.startswith("checkpoint-") for p in cell.run.glob("checkpoint-*")):
             command += ["--resume", "latest"]
         elif cell.run.is_dir() and any(cell.run.iterdir()):
             command += ["--overwrite"]

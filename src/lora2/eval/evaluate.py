@@ -35,6 +35,12 @@ ADAPTER_NAMES = ("pytorch_lora_weights.safetensors", "lora2.safetensors", "adapt
 _DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight", ".lora_A.default.weight")
 _UP_SUFFIXES = (".lora_B.weight", ".lora_up.weight", ".lora.up.weight", ".lora_B.default.weight")
 _PREFIXES = ("unet.", "base_model.model.", "lora_unet_", "model.")
+# DoRA's magnitude vectors m (one per output feature; diffusers / peft spellings): part of the adapter's size
+_MAGNITUDE_SUFFIXES = (
+    ".lora_magnitude_vector",
+    ".lora_magnitude_vector.weight",
+    ".lora_magnitude_vector.default.weight",
+)
 
 
 @dataclass
@@ -117,9 +123,10 @@ def _module_name(key: str, suffix: str) -> str:
 def adapter_summary(path: str | Path) -> dict:
     """Ranks and size of a LoRA file: ``{"ranks": {module: r}, "parameters", "size_gb_fp32", "mean_rank", ...}``.
 
-    The rank of a module is the row count of its down matrix; size counts the LoRA matrices in fp32, in GiB
-    (2**30 bytes, the unit of the paper's "2.8 GB" for rank 512 on SDXL). Text-encoder modules are counted too and
-    listed with their prefix.
+    The rank of a module is the row count of its down matrix; size counts the LoRA matrices (and DoRA's magnitude
+    vectors) in fp32, in GiB (2**30 bytes, the unit of the paper's "2.8 GB" for rank 512 on SDXL). Text-encoder
+    modules are counted too and listed with their prefix. AdaLoRA runs are written as the equivalent plain LoRA of
+    their final ranks, so their ranks here are those its budget allocation kept.
     """
     path = Path(path)
     if not path.is_file():
@@ -129,7 +136,7 @@ def adapter_summary(path: str | Path) -> dict:
     with safe_open(str(path), framework="pt") as handle:
         for key in handle.keys():
             shape = handle.get_slice(key).get_shape()
-            if key.endswith(_DOWN_SUFFIXES + _UP_SUFFIXES):
+            if key.endswith(_DOWN_SUFFIXES + _UP_SUFFIXES + _MAGNITUDE_SUFFIXES):
                 parameters += math.prod(shape)
             for suffix in _DOWN_SUFFIXES:
                 if key.endswith(suffix):
@@ -229,7 +236,8 @@ def default_base() -> str:
 
 # ---------------------------------------------------------------------- generation and scoring
 def load_pipeline(base: str, lora: Path, device: torch.device, dtype: torch.dtype):
-    """The base pipeline (SDXL, or any diffusers text-to-image pipeline) with the LoRA loaded through peft."""
+    """The base pipeline (SDXL, or any diffusers text-to-image pipeline) with the LoRA loaded through peft (a DoRA
+    file, with magnitude vectors, loads as DoRA: diffusers sets ``use_dora`` from its keys)."""
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=dtype)

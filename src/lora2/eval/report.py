@@ -147,6 +147,50 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(results: list[CellResult], reference: str = "lora2") -> str:
+    """Each method against ``reference`` on the (subject, seed) pairs where both were evaluated.
+
+    A grid cut short by a time limit leaves methods with different subjects; pairing keeps the comparison fair.
+    Columns: mean difference (method − reference) of each metric, how often the method scored higher, and the mean
+    ratio of adapter sizes.
+    """
+    scored = {(r.subject, r.seed, r.method): r for r in results if r.scores}
+    columns = "pairs | Δ DINO | Δ CLIP-I | Δ CLIP-T | higher DINO | higher CLIP-T | size ratio"
+    lines = [f"| Method − {reference} | {columns} |", "|" + "---|" * 8]
+    for method in _ordered_methods(results):
+        if method == reference:
+            continue
+        pairs = [
+            (cell, scored[(cell.subject, cell.seed, reference)])
+            for key, cell in scored.items()
+            if key[2] == method and (key[0], key[1], reference) in scored
+        ]
+        if not pairs:
+            continue
+        deltas = {m: statistics.fmean(a.scores[m] - b.scores[m] for a, b in pairs) for m in METRICS}
+        wins = {m: sum(a.scores[m] > b.scores[m] for a, b in pairs) for m in ("dino", "clip_t")}
+        ratios = [a.size_gb / b.size_gb for a, b in pairs if a.size_gb and b.size_gb]
+        ratio = f"{statistics.fmean(ratios):.2f}×" if ratios else "–"
+        lines.append(
+            f"| {method} | {len(pairs)} | {deltas['dino']:+.3f} | {deltas['clip_i']:+.3f} | {deltas['clip_t']:+.3f} "
+            f"| {wins['dino']}/{len(pairs)} | {wins['clip_t']}/{len(pairs)} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def subject_table(results: list[CellResult], metric: str = "dino") -> str:
+    """Subjects (rows) × methods (columns): ``metric`` averaged over seeds, with the mean rank of learned methods."""
+    methods = _ordered_methods(results)
+    lines = ["| Subject | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
+    for subject in sorted({r.subject for r in results}):
+        row = []
+        for method in methods:
+            cells = [r for r in results if r.subject == subject and r.method == method and r.scores]
+            row.append(f"{statistics.fmean(r.scores[metric] for r in cells):.3f}" if cells else "–")
+        lines.append(f"| {subject} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------- layer classification
 def layer_block(module: str) -> str | None:
     """ "down", "mid" or "up" for a UNet module name (diffusers or kohya spelling), else None."""
@@ -293,6 +337,18 @@ def report(folder: str | Path) -> Path:
         "",
         markdown_table(rows),
         "",
+        "## Paired with LoRA² (same subject and seed)",
+        "",
+        paired_table(results),
+        "",
+        "## DINO per subject",
+        "",
+        subject_table(results, "dino"),
+        "",
+        "## CLIP-T per subject",
+        "",
+        subject_table(results, "clip_t"),
+        "",
     ]
     plt.rcParams.update({"figure.max_open_warning": 0})
     plot_pareto(rows, folder / "pareto.png")
@@ -309,7 +365,11 @@ def report(folder: str | Path) -> Path:
         plot_rank_breakdown(breakdown, folder / "rank_by_block.png")
         sections += ["", "![rank by block](rank_by_block.png)", ""]
         complexity = subject_complexity(folder)
-        with_complexity = [c for c in learned if c.subject in complexity]
+        # an SVD truncation to LoRA²'s total rank would hide the LoRA² point under its own
+        registry = method_registry()
+        with_complexity = [
+            c for c in learned if c.subject in complexity and getattr(registry.get(c.method), "kind", "") != "resize"
+        ]
         if with_complexity:
             plot_rank_vs_complexity(with_complexity, complexity, folder / "rank_vs_complexity.png")
             sections += ["![rank vs complexity](rank_vs_complexity.png)", ""]

@@ -264,7 +264,9 @@ def _layout(layers: Sequence[LoRA2Layer], cache: dict) -> _Layout:
     return cache[key]
 
 
-def storage_importance(layers: Sequence[LoRA2Layer], cache: dict) -> list[torch.Tensor]:
+def storage_importance(
+    layers: Sequence[LoRA2Layer], cache: dict, nu: torch.Tensor | None = None
+) -> list[torch.Tensor]:
     """s · λ_i(ν) over every storage position of each adaptive layer, 0 beyond its D, in one graph for all layers.
 
     The values on the first D positions are those of ``lora2.rank.importance(ν, D, scaling) · s`` (Λ of LoRA²,
@@ -274,7 +276,8 @@ def storage_importance(layers: Sequence[LoRA2Layer], cache: dict) -> list[torch.
     scaling = layers[0].config.lambda_scaling
     assert all(layer.config.lambda_scaling == scaling and layer.adaptive for layer in layers)
     layout = _layout(layers, cache)
-    nu = torch.stack([layer.log_nu for layer in layers]).float().exp()  # (L,)
+    if nu is None:
+        nu = torch.stack([layer.log_nu for layer in layers]).float().exp()  # (L,)
     lam = torch.exp(layout.neg_positions * nu[layout.segment]) * layout.active  # (N,), e^{−ν(i−1)} for i ≤ D
     if scaling == "sum":
         totals = torch.zeros_like(nu).index_add(0, layout.segment, lam)  # (L,) Σ_{j≤D} e^{−ν(j−1)}

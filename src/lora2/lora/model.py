@@ -37,13 +37,46 @@ class ImportanceHook:
             if layer.adaptive:
                 self.groups.setdefault(layer.config.lambda_scaling, []).append(layer)
         self.caches: dict[str, dict] = {scaling: {} for scaling in self.groups}
+        # ν of every adaptive layer stacked by the last forward (model order), shared with rank_regularization so that
+        # each log ν receives one gradient (no per-layer accumulation) and the model is not walked again
+        self.layers = [layer for _, layer in lora_layers(model)]
+        self.adaptive = [layer for layer in self.layers if layer.adaptive]
+        self.nu: torch.Tensor | None = None
         self.handle = model.register_forward_pre_hook(self.before)
 
     def before(self, module: nn.Module, args) -> None:
+        if not self.adaptive:
+            return
+        nu = torch.stack([layer.log_nu for layer in self.adaptive]).float().exp()  # (L,)
         for scaling, layers in self.groups.items():
-            for layer, lam in zip(layers, storage_importance(layers, self.caches[scaling])):
+            group_nu = nu if len(self.groups) == 1 else torch.stack([layer.log_nu for layer in layers]).float().exp()
+            for layer, lam in zip(layers, storage_importance(layers, self.caches[scaling], group_nu)):
                 layer.storage_lambda = lam
                 layer.storage_lambda_version = layer.log_nu._version
+        # shared with rank_regularization until this forward's backward: a CUDA graph's backward capture frees the
+        # captured ν's graph and a replay runs no hook, so a ν kept past its backward would be stale
+        capturing = nu.is_cuda and torch.cuda.is_current_stream_capturing()
+        self.nu = None if capturing else nu
+        if self.nu is not None and nu.requires_grad:
+            nu.register_hook(self._release)
+
+    def _release(self, grad: torch.Tensor) -> None:
+        """Tensor hook on the shared ν: its backward has run, so its graph is gone."""
+        self.nu = None
+
+    def current_nu(self) -> torch.Tensor | None:
+        """ν stacked by this step's forward, or None once any ν moved (sync_ranks clears storage_lambda) or when
+        that forward ran without gradients (a sampling pass) while gradients are wanted now."""
+        if (
+            self.nu is None
+            or (torch.is_grad_enabled() and not self.nu.requires_grad)
+            or any(
+                layer.storage_lambda is None or layer.storage_lambda_version != layer.log_nu._version
+                for layer in self.adaptive
+            )
+        ):
+            return None
+        return self.nu
 
     def remove(self) -> None:
         self.handle.remove()
@@ -76,10 +109,17 @@ def update_ranks(layers: list[LoRA2Layer]) -> list[tuple[LoRA2Layer, dict, range
 
 def rank_regularization(model: nn.Module) -> torch.Tensor:
     """L_reg = Σ_ℓ |ν_ℓ − ν_target| over adaptive layers (LoRA², L1 reading), vectorised over layers."""
-    adaptive = [layer for _, layer in lora_layers(model) if layer.adaptive]
+    hook = model.__dict__.get("_lora2_importance_hook")
+    if hook is not None:
+        adaptive = hook.adaptive
+        nu = hook.current_nu()  # (L,), shared with this step's Λ
+    else:
+        adaptive = [layer for _, layer in lora_layers(model) if layer.adaptive]
+        nu = None
     if not adaptive:
         return torch.zeros(())
-    nu = torch.stack([layer.log_nu for layer in adaptive]).exp()  # (L,)
+    if nu is None:
+        nu = torch.stack([layer.log_nu for layer in adaptive]).exp()  # (L,)
     targets = {layer.config.nu_target for layer in adaptive}
     if len(targets) == 1:
         return (nu - targets.pop()).abs().sum()
@@ -98,7 +138,8 @@ def weight_regularization(model: nn.Module) -> torch.Tensor:
 
 def regularization(model: nn.Module) -> torch.Tensor:
     """λ_r · L_reg + λ_w · Σθ²/2, with the weights of the model's LoRA2Config (0 when both are off)."""
-    layers = [layer for _, layer in lora_layers(model)]
+    hook = model.__dict__.get("_lora2_importance_hook")
+    layers = hook.layers if hook is not None else [layer for _, layer in lora_layers(model)]
     if not layers:
         raise ValueError("model holds no LoRA² layers: call lora2.inject(model, config) first")
     config = layers[0].config

@@ -3,7 +3,8 @@
 A checkpoint is a folder ``checkpoint-<step>`` holding
 
 - ``adapter.safetensors``: every LoRA² layer's full storage (``<prefix>.<module>.lora_A`` / ``lora_B`` at their
-  current capacity, ``log_nu``), so resumed layers get the very same storage, stale positions included;
+  current capacity, ``log_nu``), so resumed layers get the very same storage, stale positions included; for the
+  peft baselines (DoRA, AdaLoRA) every adapter parameter, ``<prefix>.<peft parameter name>``;
 - ``optimizer.safetensors`` + ``state.json``: optimizer tensors and, in JSON, param groups, non-tensor optimizer
   state, LR-scheduler and grad-scaler state, ranks, step and data position, the training config;
 - ``rng.safetensors``: the torch RNG states of every process (global CPU, CUDA, and the trainer's generator).
@@ -28,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora2.lora.model import lora_layers
+from lora2.train.peft_adapters import adapter_parameters, has_peft_adapter, peft_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +87,12 @@ def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
 
 # ---------------------------------------------------------------------- adapter storage
 def adapter_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """Full storage of every LoRA² layer, keyed ``<prefix>.<module>.<lora_A|lora_B|log_nu>``."""
+    """Full storage of every LoRA² layer, keyed ``<prefix>.<module>.<lora_A|lora_B|log_nu>`` (peft adapters: every
+    adapter parameter, ``<prefix>.<parameter name>``)."""
     tensors = {}
     for prefix, module in modules.items():
+        if has_peft_adapter(module):
+            tensors.update({f"{prefix}.{key}": value.detach() for key, value in adapter_parameters(module).items()})
         for name, layer in lora_layers(module):
             for key in ("lora_A", "lora_B", "log_nu"):
                 tensors[f"{prefix}.{name}.{key}"] = getattr(layer, key).detach()
@@ -95,8 +100,12 @@ def adapter_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 
 
 def adapter_ranks(modules: dict[str, nn.Module]) -> dict[str, int]:
-    """Current rank of every layer keyed ``<prefix>.<module>``."""
-    return {f"{prefix}.{name}": layer.r for prefix, module in modules.items() for name, layer in lora_layers(module)}
+    """Current rank of every layer keyed ``<prefix>.<module>`` (peft adapters: ``peft_adapters.peft_ranks``)."""
+    ranks = {}
+    for prefix, module in modules.items():
+        found = peft_ranks(module) if has_peft_adapter(module) else {n: layer.r for n, layer in lora_layers(module)}
+        ranks.update({f"{prefix}.{name}": rank for name, rank in found.items()})
+    return ranks
 
 
 @torch.no_grad()
@@ -111,6 +120,11 @@ def restore_adapter(modules: dict[str, nn.Module], tensors: dict[str, torch.Tens
         missing, extra = sorted(expected - set(ranks)), sorted(set(ranks) - expected)
         raise ValueError(f"checkpoint does not match the adapted modules: missing {missing[:5]}, extra {extra[:5]}")
     for prefix, module in modules.items():
+        if has_peft_adapter(module):  # fixed shapes: copied in place, the optimizer's parameters stay
+            for key, param in adapter_parameters(module).items():
+                if f"{prefix}.{key}" not in tensors:
+                    raise ValueError(f"checkpoint has no tensor {prefix}.{key} (saved with another adapter type?)")
+                param.copy_(tensors[f"{prefix}.{key}"].to(param.device, param.dtype))
         for name, layer in lora_layers(module):
             key = f"{prefix}.{name}"
             for attr in ("lora_A", "lora_B"):

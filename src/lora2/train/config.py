@@ -28,7 +28,9 @@ DEFAULT_SAMPLE_PROMPTS = (
     "{instance} in the snow",
     "a painting of {instance}",
 )
+ADAPTER_TYPES = ("lora2", "dora", "adalora")
 _CHOICES = {
+    "adapter_type": ADAPTER_TYPES,
     "model_type": ("auto", "sdxl", "sd15"),
     "rank_mode": ("adaptive", "fixed"),
     "lambda_scaling": ("first", "sum", "none"),
@@ -43,6 +45,11 @@ _HELP = {
     "instance_data_dir": "folder of subject images, or a DreamBooth subject folder",
     "instance_prompt": "training prompt with the identifier (default 'a <identifier> <class_name>')",
     "rank_mode": "adaptive = LoRA² (learned ranks), fixed = plain LoRA of rank --init-rank",
+    "adapter_type": "lora2 (LoRA² / fixed-rank LoRA), or the peft baselines dora / adalora (UNet only)",
+    "adalora_tinit": "AdaLoRA: fraction of the steps trained at init_rank before pruning starts (peft tinit)",
+    "adalora_tfinal": "AdaLoRA: fraction of the steps trained at the final ranks (peft tfinal)",
+    "adalora_delta_t": "AdaLoRA: steps between two budget allocations (peft deltaT)",
+    "orth_reg_weight": "AdaLoRA: weight of the orthogonal regularization of P and Q",
     "nu_lr": "learning rate of the log ν parameters (their own param group)",
     "resume": "'latest' or a checkpoint folder",
     "small_images": "images smaller than the resolution: upscale with a warning, or raise an error",
@@ -60,6 +67,18 @@ class TrainConfig:
     Adapter (LoRA2Config): rank_mode, target_modules, init_rank, max_rank, quantile, lambda_scaling, lora_alpha,
         chunk_size, target_rank, rank_reg_weight, weight_reg_weight, entropy_weight, rank_pattern, lora_dropout,
         exclude_modules; train_text_encoder, text_encoder_target_modules, text_encoder_lr.
+    Adapter type: ``adapter_type`` "lora2" (the fields above), or a peft baseline on the UNet, built from the same
+        fields where their meaning fits (see ``lora2.train.peft_adapters``):
+        "dora": ``LoraConfig(use_dora=True, r=init_rank, lora_alpha=lora_alpha or init_rank (s = 1),
+        target_modules, exclude_modules, lora_dropout, rank_pattern)``;
+        "adalora": ``AdaLoraConfig(init_r=init_rank, target_r=target_rank (mean final rank per layer),
+        lora_alpha=lora_alpha or init_rank (α/r = 1), total_step=max_train_steps, tinit=round(adalora_tinit ·
+        max_train_steps), tfinal=round(adalora_tfinal · max_train_steps), deltaT=adalora_delta_t,
+        orth_reg_weight, target_modules, exclude_modules, lora_dropout)``.
+        Both train with learning_rate; rank_mode, max_rank, quantile, lambda_scaling, chunk_size, rank_reg_weight,
+        weight_reg_weight and nu_lr are unused; the entropy term applies when entropy_weight > 0.
+        train_text_encoder is lora2 only; resume is lora2 and dora only (AdaLoRA's importance statistics are not
+        checkpointed).
     Optimisation: max_train_steps, train_batch_size, gradient_accumulation_steps, learning_rate, nu_lr, optimizer,
         adam_beta1/2, adam_epsilon, adam_weight_decay, lr_scheduler, lr_warmup_steps, lr_num_cycles, lr_power,
         max_grad_norm, mixed_precision, gradient_checkpointing, snr_gamma, noise_offset, seed, device.
@@ -92,7 +111,8 @@ class TrainConfig:
     random_flip: bool = False
     cache_latents: bool = True
     small_images: str = "upscale"
-    # adapter (LoRA2Config)
+    # adapter (LoRA2Config, or the peft baselines)
+    adapter_type: str = "lora2"
     rank_mode: str = "adaptive"
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     # adapter defaults are LoRA2Config's, so the library and the trainer cannot drift apart
@@ -112,6 +132,10 @@ class TrainConfig:
     train_text_encoder: bool = False
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
     text_encoder_lr: float | None = None
+    adalora_tinit: float = 0.1
+    adalora_tfinal: float = 0.2
+    adalora_delta_t: int = 10
+    orth_reg_weight: float = 0.5
     # optimisation
     max_train_steps: int = 500
     train_batch_size: int = 1
@@ -168,6 +192,39 @@ class TrainConfig:
             if fmt not in ("diffusers", "kohya", "peft", "lora2"):
                 raise ValueError(f"export_formats entries must be diffusers, kohya, peft or lora2, got {fmt!r}")
         self.lora_config()  # validates the LoRA² fields
+        if self.adapter_type != "lora2":
+            self._check_peft_adapter()
+
+    def _check_peft_adapter(self) -> None:
+        """Validate the DoRA / AdaLoRA settings (by building the peft config: peft's own checks run too)."""
+        from lora2.train.peft_adapters import adalora_schedule, peft_config
+
+        if self.train_text_encoder:
+            raise ValueError(f"train_text_encoder needs adapter_type 'lora2', got adapter_type {self.adapter_type!r}")
+        if self.adapter_type == "adalora":
+            if self.rank_pattern:
+                raise ValueError(f"rank_pattern is not supported with adapter_type 'adalora', got {self.rank_pattern}")
+            if self.target_rank != int(self.target_rank) or not 1 <= self.target_rank <= self.init_rank:
+                raise ValueError(
+                    f"adapter_type 'adalora' needs an integer target_rank in [1, init_rank={self.init_rank}] "
+                    f"(the mean final rank), got {self.target_rank!r}"
+                )
+            for key in ("adalora_tinit", "adalora_tfinal"):
+                if not 0.0 <= getattr(self, key) < 1.0:
+                    raise ValueError(
+                        f"{key} must lie in [0, 1) (a fraction of max_train_steps), got {getattr(self, key)!r}"
+                    )
+            tinit, tfinal = adalora_schedule(self)
+            if tinit >= self.max_train_steps - tfinal:
+                raise ValueError(
+                    f"AdaLoRA schedule leaves no pruning phase: tinit {tinit} >= max_train_steps "
+                    f"{self.max_train_steps} - tfinal {tfinal}; lower adalora_tinit / adalora_tfinal"
+                )
+            if self.adalora_delta_t < 1:
+                raise ValueError(f"adalora_delta_t must be >= 1, got {self.adalora_delta_t!r}")
+            if self.orth_reg_weight < 0:
+                raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+        peft_config(self)
 
     # ------------------------------------------------------------------ derived configs
     def lora_config(self, target_modules: list[str] | None = None) -> LoRA2Config:
@@ -271,7 +328,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif is_dict:
             parser.add_argument(*flags, type=json.loads, **{**options, "help": "JSON mapping"})
         else:
-            parser.add_argument(*flags, type=_parse_optional(kind), **options)
+            # choices are plain strings: "none" is a value of --report-to, not None
+            parser.add_argument(*flags, type=str if f.name in _CHOICES else _parse_optional(kind), **options)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

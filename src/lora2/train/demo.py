@@ -1,7 +1,8 @@
 """``lora2 demo``: personalise one built-in world subject with LoRA² on CPU, offline, in minutes.
 
-Personalises the first of the world's subjects (``lora2.world.info()``) on the world's pretrained base model, or,
-until that is built, on a tiny random SDXL pipeline (``lora2.world.tiny``: the pipeline runs, the images are noise).
+Personalises one of the world's subjects (``lora2.world.info()``; default ``DEMO_SUBJECT``) on the world's
+pretrained base model, or, until that is built, on a tiny random SDXL pipeline (``lora2.world.tiny``: the pipeline
+runs, the images are noise).
 Writes the adapter, the sample grid (base vs personalised over several prompts), the per-layer rank heatmap and,
 when the world's evaluators are available, DINO / CLIP-I / CLIP-T of base and personalised samples.
 """
@@ -43,8 +44,17 @@ def _metrics(subject_dir: Path, samples: Path, prompts: list[str]) -> dict | Non
     return result
 
 
-def demo(out_dir: str | Path = "lora2_demo", max_train_steps: int = 150, overwrite: bool = False) -> dict[str, Path]:
-    """Run the demo into ``out_dir``; returns the written files (adapter, grid, heatmap, metrics, run folder)."""
+DEMO_SUBJECT = "target_circle"  # one the base model cannot draw from its class name (docs/WORLD.md: DINO 0.05)
+
+
+def demo(
+    out_dir: str | Path = "lora2_demo",
+    max_train_steps: int = 150,
+    overwrite: bool = False,
+    subject: str = DEMO_SUBJECT,
+) -> dict[str, Path]:
+    """Run the demo on the world ``subject`` into ``out_dir``; returns the written files (adapter, grid, heatmap,
+    metrics, run folder)."""
     started = time.monotonic()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,8 +69,10 @@ def demo(out_dir: str | Path = "lora2_demo", max_train_steps: int = 150, overwri
     subjects_root = world_path("subjects_dir")
     if subjects_root is None:
         raise ValueError("the built-in world's subjects are not available (lora2.world.info())")
-    subject = next(iter(load_subjects(subjects_root).values()))
-    subject_dir, class_name = subjects_root / subject.name, subject.class_name
+    subjects = load_subjects(subjects_root)
+    if subject not in subjects:
+        raise ValueError(f"unknown world subject {subject!r}; choose one of {sorted(subjects)}")
+    subject_dir, class_name = subjects_root / subject, subjects[subject].class_name
     instance = f"a sks {class_name}"
     config = TrainConfig(
         base=str(base),

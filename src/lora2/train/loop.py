@@ -1,5 +1,9 @@
 """DreamBooth training with LoRA² (or fixed-rank LoRA): one visible loop, in the style of a torchtune recipe.
 
+The peft baselines (``adapter_type`` "dora" / "adalora", ``lora2.train.peft_adapters``) run through the same loop:
+their regularization term is AdaLoRA's orthogonal regularization (none for DoRA), and AdaLoRA's budget allocation
+``update_and_allocate(step)`` runs after each optimizer step, before the gradients are cleared.
+
 Loss per optimizer step (LoRA², eq. of L_total):
 
     L = MSE(ε̂ or v̂) + w_prior · MSE_prior + λ_r Σ_ℓ |ν_ℓ − ν_target| + λ_w Σθ²/2 + λ_e · H(identifier maps)
@@ -41,6 +45,7 @@ from tqdm.auto import tqdm
 import lora2
 from lora2.lora.model import lora_layers
 from lora2.train import checkpoint as ckpt
+from lora2.train import peft_adapters
 from lora2.train.config import TrainConfig
 from lora2.train.data import IMAGE_SUFFIXES, TrainImage, batch_indices, crop_and_flip, list_images, prepare_image
 from lora2.train.entropy import EntropyCollector, install_entropy_processors
@@ -54,7 +59,7 @@ from lora2.train.model import (
     native_resolution,
     resolve_base,
 )
-from lora2.train.outputs import image_grid, rank_heatmap, save_adapter, write_model_card
+from lora2.train.outputs import METHOD_LABELS, image_grid, rank_heatmap, save_adapter, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +70,7 @@ RUN_ARTIFACTS = (
     CONFIG_FILE,
     LOG_FILE,
     "README.md",
+    "peft",
     "rank_heatmap.png",
     "sample_grid.png",
     "samples",
@@ -254,7 +260,7 @@ def _optimizer(config: TrainConfig, modules: dict[str, nn.Module]) -> torch.opti
     """Adam/AdamW (optionally 8-bit) with param groups: UNet weights, text-encoder weights, log ν (own lr)."""
     groups, nus = [], []
     for prefix, module in modules.items():
-        weights = []
+        weights = peft_adapters.trainable_parameters(module)  # empty unless adapter_type is dora / adalora
         for _, layer in lora_layers(module):
             weights += [layer.lora_A, layer.lora_B]
             if layer.adaptive:
@@ -273,6 +279,22 @@ def _optimizer(config: TrainConfig, modules: dict[str, nn.Module]) -> torch.opti
     else:
         cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, **kwargs)
+
+
+def _regularization(config: TrainConfig, modules: dict[str, nn.Module]) -> torch.Tensor:
+    """The adapter's regularization term: LoRA²'s λ_r·L_reg + λ_w·Σθ²/2, AdaLoRA's orth_reg_weight · R(P, Q), or
+    none (DoRA)."""
+    if config.adapter_type == "lora2":
+        return sum(lora2.regularization(module) for module in modules.values())
+    if config.adapter_type == "adalora" and config.orth_reg_weight > 0:
+        return config.orth_reg_weight * peft_adapters.orthogonal_regularization(modules["unet"])
+    return torch.zeros((), device=modules["unet"].device)
+
+
+def _parameter_count(module: nn.Module) -> int:
+    if peft_adapters.has_peft_adapter(module):
+        return peft_adapters.peft_parameter_count(module)
+    return lora2.adapter_parameter_count(module)
 
 
 def _rng_states(generator: torch.Generator, device: torch.device, processes: _Processes) -> dict[str, torch.Tensor]:
@@ -320,15 +342,20 @@ def _read_rank_history(path: Path) -> tuple[list[int], list[dict[str, int]]]:
 
 @contextmanager
 def adapters_disabled(modules: dict[str, nn.Module]) -> Iterator[None]:
-    """Run the base model: every LoRA² layer passes its input through the frozen layer only."""
+    """Run the base model: every LoRA² (or peft) layer passes its input through the frozen layer only."""
     layers = [layer for module in modules.values() for _, layer in lora_layers(module)]
+    peft_layers = [layer for module in modules.values() for _, layer in peft_adapters.peft_layers(module)]
     for layer in layers:
         layer.disable_adapters = True
+    for layer in peft_layers:
+        layer.enable_adapters(False)
     try:
         yield
     finally:
         for layer in layers:
             layer.disable_adapters = False
+        for layer in peft_layers:
+            layer.enable_adapters(True)
 
 
 @torch.no_grad()
@@ -446,6 +473,11 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one visible recip
         raise ValueError("--output-dir is required")
     output_dir = Path(config.output_dir)
     resume_path = ckpt.resolve_resume(output_dir, config.resume) if config.resume else None
+    if resume_path is not None and config.adapter_type == "adalora":
+        raise ValueError(
+            f"--resume {config.resume}: adapter_type 'adalora' cannot resume ({resume_path}): AdaLoRA's importance "
+            "statistics and budget schedule are not checkpointed; start a new run with --overwrite"
+        )
     if config.resume and resume_path is None:
         logger.warning("--resume latest: no checkpoint in %s yet, starting a new run", output_dir)
     if processes.main and resume_path is None:
@@ -490,8 +522,12 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one visible recip
     logger.info("%d instance images, prompt %r; %d class images", len(images), instance_prompt, len(class_images))
 
     # ---- adapters
-    unet_config = config.lora_config()
-    lora2.inject(unet, unet_config)
+    adalora = None  # peft's AdaLoraModel when adapter_type is "adalora": its budget allocation runs every step
+    if config.adapter_type == "lora2":
+        lora2.inject(unet, config.lora_config())
+    else:
+        tuner = peft_adapters.inject_peft(unet, config)
+        adalora = tuner if config.adapter_type == "adalora" else None
     modules: dict[str, nn.Module] = {"unet": unet}
     if config.train_text_encoder:
         names = ["text_encoder", "text_encoder_2"][: len(components.text_encoders)]
@@ -625,7 +661,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one visible recip
                 )
                 mse = per_sample[:batch].mean()
                 prior = per_sample[batch:].mean() if class_images else torch.zeros((), device=device)
-                regularization = sum(lora2.regularization(module) for module in modules.values())
+                regularization = _regularization(config, modules)
                 entropy = collector.loss() if collector is not None else torch.zeros((), device=device)
                 loss = mse + config.prior_loss_weight * prior + regularization + config.entropy_weight * entropy
                 scaler.scale(loss / config.gradient_accumulation_steps).backward()
@@ -650,6 +686,8 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one visible recip
             scaler.step(optimizer)  # the LoRA² post-step hook recomputes ranks and re-allocates here
             scaler.update()
             lr_scheduler.step()
+            if adalora is not None:
+                adalora.update_and_allocate(step + 1)  # scores use the gradients: before zero_grad
             optimizer.zero_grad(set_to_none=True)
             trainable = [p for group in optimizer.param_groups for p in group["params"]]
             step += 1
@@ -657,7 +695,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one visible recip
 
             ranks = ckpt.adapter_ranks(modules)
             total_rank = sum(ranks.values())
-            params = sum(lora2.adapter_parameter_count(module) for module in modules.values())
+            params = sum(_parameter_count(module) for module in modules.values())
             if processes.main:
                 record = dict(zip(("loss", "mse", "prior", "regularization", "entropy"), terms.tolist()))
                 record.update(
@@ -709,10 +747,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one visible recip
     if status == "completed" and processes.main:
         unet.eval()
         metadata = {"training": {k: v for k, v in config.to_dict().items() if k != "resume"}, "base_model": base}
-        for fmt, path in zip(
-            config.export_formats, save_adapter(modules, output_dir, config.export_formats, metadata)
-        ):
-            files[fmt] = path
+        files.update(save_adapter(modules, output_dir, config.export_formats, metadata))
         steps, history = _read_rank_history(log_path)
         files["rank_heatmap"] = output_dir / "rank_heatmap.png"
         rank_heatmap(history, steps, files["rank_heatmap"])
@@ -724,16 +759,20 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one visible recip
         samples_dir.mkdir(exist_ok=True)
         for index, (base_image, tuned_image) in enumerate(zip(base_images, tuned_images)):
             base_image.save(samples_dir / f"base_{index:02d}.png")
-            tuned_image.save(samples_dir / f"lora2_{index:02d}.png")
+            tuned_image.save(samples_dir / f"{config.adapter_type}_{index:02d}.png")
         files["samples"] = samples_dir
         files["sample_grid"] = output_dir / "sample_grid.png"
         image_grid(
-            [[b, t] for b, t in zip(base_images, tuned_images)], prompts, ["base", "LoRA²"], files["sample_grid"]
+            [[b, t] for b, t in zip(base_images, tuned_images)],
+            prompts,
+            ["base", METHOD_LABELS[config.adapter_type]],
+            files["sample_grid"],
         )
         files["model_card"] = output_dir / "README.md"
         settings = {
             k: getattr(config, k)
             for k in (
+                "adapter_type",
                 "rank_mode",
                 "init_rank",
                 "max_rank",
@@ -751,7 +790,14 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - one visible recip
             )
         }
         write_model_card(
-            files["model_card"], base, instance_prompt, ranks, settings, components.kind, "sample_grid.png"
+            files["model_card"],
+            base,
+            instance_prompt,
+            ranks,
+            settings,
+            components.kind,
+            "sample_grid.png",
+            method=config.adapter_type,
         )
         files["log"] = log_path
         logger.info("total rank %d over %d modules; outputs in %s", sum(ranks.values()), len(ranks), output_dir)

@@ -13,11 +13,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lora2.train.checkpoint import atomic_write_text  # noqa: E402
+from lora2.train import peft_adapters  # noqa: E402
+from lora2.train.checkpoint import atomic_save_file, atomic_write_text  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -27,20 +29,24 @@ ADAPTER_FILES = {
     "peft": "peft",
     "lora2": "lora2_adapter.safetensors",  # unbaked A, B, log ν: exact training state for analysis / resume
 }
+METHOD_LABELS = {"lora2": "LoRA²", "dora": "DoRA", "adalora": "AdaLoRA"}
 
 
 def save_adapter(
     modules: dict[str, nn.Module], output_dir: Path, formats: Sequence[str], metadata: dict
-) -> list[Path]:
-    """Write the adapter in each format (``lora2.save_lora``: ranks truncated to D, Λ and scale baked in).
+) -> dict[str, Path]:
+    """Write the adapter in each format (``lora2.save_lora``: ranks truncated to D, Λ and scale baked in); returns
+    format → path.
 
     ``modules`` maps a diffusers prefix ("unet", "text_encoder", "text_encoder_2") to the adapted module.
     Each file (the peft folder) is written under a temporary name and renamed into place, so a crash never leaves
-    half an adapter.
+    half an adapter. A UNet with a peft DoRA / AdaLoRA adapter is written by ``save_peft_adapter``.
     """
     from lora2.export import save_lora
 
-    paths = []
+    if peft_adapters.has_peft_adapter(modules["unet"]):
+        return save_peft_adapter(modules["unet"], output_dir, formats, metadata)
+    paths = {}
     for fmt in formats:
         path = output_dir / ADAPTER_FILES[fmt]
         tmp = path.with_name(path.stem + ".tmp" + path.suffix)
@@ -50,8 +56,50 @@ def save_adapter(
         if path.is_dir():
             shutil.rmtree(path)
         os.replace(tmp, path)
-        paths.append(path)
+        paths[fmt] = path
         logger.info("wrote %s adapter %s", fmt, path)
+    return paths
+
+
+def save_peft_adapter(unet: nn.Module, output_dir: Path, formats: Sequence[str], metadata: dict) -> dict[str, Path]:
+    """A DoRA / AdaLoRA UNet adapter: always the peft folder (``peft/``: ``adapter_config.json`` +
+    ``adapter_model.safetensors``, for ``PeftModel.from_pretrained``) and the diffusers file (``lora2 eval``,
+    ``pipe.load_lora_weights``), plus the other requested formats that can express it.
+
+    DoRA's diffusers file holds its magnitude vectors (``peft_adapters.dora_diffusers_state_dict``); AdaLoRA is
+    written as the exactly equivalent plain LoRA of its final ranks (``peft_adapters.plain_lora_modules``), which
+    also gives its kohya file. The lora2-native format (LoRA² training state) does not apply and is skipped.
+    """
+    from peft import AdaLoraConfig
+
+    from lora2.export.adapter import LoraModule
+    from lora2.export.formats import write_adapter
+    from lora2.export.metadata import build_header
+    from lora2.export.names import to_file_name
+
+    adapter_type = "adalora" if isinstance(unet.peft_config[peft_adapters.ADAPTER_NAME], AdaLoraConfig) else "dora"
+    folder = output_dir / ADAPTER_FILES["peft"]
+    paths = {"peft": peft_adapters.save_peft_folder(unet, folder, metadata.get("base_model"))}
+    logger.info("wrote %s peft adapter %s", adapter_type, paths["peft"])
+    pairs = peft_adapters.plain_lora_modules(unet) if adapter_type == "adalora" else {}
+    for fmt in dict.fromkeys(["diffusers", *formats]):
+        if fmt == "peft":
+            continue
+        path = output_dir / ADAPTER_FILES[fmt]
+        if fmt == "diffusers" and adapter_type == "dora":
+            atomic_save_file(peft_adapters.dora_diffusers_state_dict(unet), path)
+        elif fmt in ("diffusers", "kohya") and adapter_type == "adalora":
+            modules = {to_file_name(unet, "unet", n): LoraModule(down, up) for n, (down, up) in pairs.items()}
+            infos = {name: {"rank": module.rank} for name, module in modules.items()}
+            header = build_header(fmt, {"unet": {"modules": infos}}, metadata)  # no LoRA2Config: plain LoRA
+            tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+            write_adapter({"unet": modules}, tmp, fmt, header, torch.float32)
+            os.replace(tmp, path)
+        else:
+            logger.warning("%s adapters have no %s format; not written", adapter_type, fmt)
+            continue
+        paths[fmt] = path
+        logger.info("wrote %s adapter %s (%s)", fmt, path, adapter_type)
     return paths
 
 
@@ -63,10 +111,13 @@ def write_model_card(
     settings: dict,
     kind: str,
     sample_grid: str | None = None,
+    method: str = "lora2",
 ) -> None:
-    """README.md in the style of diffusers' DreamBooth LoRA cards (YAML front matter + usage)."""
+    """README.md in the style of diffusers' DreamBooth LoRA cards (YAML front matter + usage); ``method`` is the
+    adapter type ("lora2", or the peft baselines "dora" / "adalora")."""
     total = sum(ranks.values())
-    tags = ["text-to-image", "diffusers", "lora", "lora2", "dreambooth", "template:sd-lora"]
+    label = METHOD_LABELS[method]
+    tags = ["text-to-image", "diffusers", "lora", method, "dreambooth", "template:sd-lora"]
     tags.append("stable-diffusion-xl" if kind == "sdxl" else "stable-diffusion")
     pipeline = "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline"
     lines = [
@@ -78,9 +129,14 @@ def write_model_card(
         f"instance_prompt: {instance_prompt}",
         "---",
         "",
-        "# LoRA² DreamBooth adapter",
+        f"# {label} DreamBooth adapter",
         "",
-        f"Adapter for `{base_model}` trained by `lora2 train` with LoRA² (per-layer ranks learned, arXiv 2603.21884).",
+        f"Adapter for `{base_model}` trained by `lora2 train` with "
+        + (
+            "LoRA² (per-layer ranks learned, arXiv 2603.21884)."
+            if method == "lora2"
+            else f"peft's {label} (the `peft/` folder loads with `PeftModel.from_pretrained`)."
+        ),
         f"Trigger it with the instance prompt **{instance_prompt}**.",
         "",
         "## Use",

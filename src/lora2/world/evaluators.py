@@ -151,7 +151,9 @@ def train_clip(
     device = torch.device(device)
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    images, captions = data if data is not None else world_data(cfg.num_images, seed + 1, cfg.image_size, device)
+    if data is None:  # an evaluator sees every (shape, colour) pair, the held-out ones of the base model too
+        data = world_data(cfg.num_images, seed + 1, cfg.image_size, device, held_out="include")
+    images, captions = data
     tokenizer = build_tokenizer(out_dir)
     ids = tokenize(tokenizer, captions)  # N×77
     # Causal text tower, pooled at the first <|endoftext|>: padding after it changes nothing, so cut it off.
@@ -163,7 +165,7 @@ def train_clip(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     images = images.to(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    for step in _budget(steps, seconds, "clip"):
+    for step, _ in _budget(steps, seconds, "clip"):
         idx = torch.randint(len(images), (batch_size,), generator=gen).to(device)
         pixels = normalize(images[idx], CLIP_MEAN, CLIP_STD)  # B×3×H×W
         with _autocast(device):
@@ -277,7 +279,7 @@ def train_dino(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     view_a, view_b = view_a.to(device), view_b.to(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    for step in _budget(steps, seconds, "dino"):
+    for step, _ in _budget(steps, seconds, "dino"):
         idx = torch.randint(len(view_a), (batch_size,), generator=gen).to(device)
         swap = torch.rand(batch_size, generator=gen).to(device) < 0.5  # B, which render is the first view
         a = torch.where(swap[:, None, None, None], view_b[idx], view_a[idx])

@@ -55,15 +55,15 @@ class PretrainScale:
     vae_config: dict[str, Any] = field(default_factory=dict)
     unet_config: dict[str, Any] = field(default_factory=dict)
     text_config: dict[str, Any] = field(default_factory=dict)
-    vae_steps: int = 4000
-    vae_batch_size: int = 256
+    vae_steps: int = 20000
+    vae_batch_size: int = 128
     vae_lr: float = 1e-3
-    vae_seconds: float = 60.0
+    vae_seconds: float = 150.0
     kl_weight: float = 1e-6
     base_steps: int = 20000
     base_batch_size: int = 512
     base_lr: float = 5e-4
-    base_seconds: float = 300.0
+    base_seconds: float = 280.0
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
     eval_steps: int = 6000
@@ -73,7 +73,7 @@ class PretrainScale:
 
 
 FULL_VAE = {
-    "block_out_channels": (32, 64, 64),
+    "block_out_channels": (64, 128, 128),
     "down_block_types": ("DownEncoderBlock2D",) * 3,
     "up_block_types": ("UpDecoderBlock2D",) * 3,
     "layers_per_block": 1,
@@ -123,17 +123,23 @@ SCALES: dict[str, PretrainScale] = {
 
 
 def world_data(
-    num_images: int, seed: int, image_size: int, device: str | torch.device = "cpu", chunk: int = 8192
+    num_images: int,
+    seed: int,
+    image_size: int,
+    device: str | torch.device = "cpu",
+    chunk: int = 8192,
+    held_out: str = "exclude",
 ) -> tuple[torch.Tensor, list[str]]:
     """``num_images`` pretraining images (uint8, N×3×H×W, on CPU) and their varied captions, from the generator.
 
-    Held-out (shape, colour) pairs are excluded (``held_out="exclude"``); ``device`` is where images are rendered.
+    ``held_out``: "exclude" leaves out the held-out (shape, colour) pairs (the base model's data), "include" draws
+    every pair (the evaluators' data); ``device`` is where images are rendered.
     """
     images, captions = [], []
     for start in range(0, num_images, chunk):
         n = min(chunk, num_images - start)
         batch, caps, _ = generator.sample_batch(
-            n, seed=seed * 1_000_003 + start, size=image_size, varied_captions=True, device=device
+            n, seed=seed * 1_000_003 + start, size=image_size, varied_captions=True, device=device, held_out=held_out
         )
         images.append(torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2))  # n×3×H×W uint8
         captions.extend(caps)
@@ -150,13 +156,29 @@ def _autocast(device: torch.device):
 
 
 def _budget(steps: int, seconds: float, desc: str):
-    """Progress bar over at most ``steps`` steps that stops once ``seconds`` of wall clock have passed."""
-    deadline = time.monotonic() + seconds
+    """Progress bar over at most ``steps`` steps that stops once ``seconds`` of wall clock have passed.
+
+    Yields ``(step, progress)``, progress in [0, 1] being the larger of the step and wall-clock fractions, so that a
+    learning-rate schedule reaches its end whichever budget ends the phase.
+    """
+    start = time.monotonic()
     for step in tqdm(range(steps), desc=desc, mininterval=10.0):
-        if time.monotonic() > deadline:
+        elapsed = time.monotonic() - start
+        if elapsed > seconds:
             logger.info("%s: wall-clock budget of %.0f s spent after %d steps", desc, seconds, step)
             return
-        yield step
+        yield step, max(step / steps, elapsed / seconds)
+
+
+def warmup_cosine(step: int, progress: float, warmup: int, floor: float = 0.01) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay over ``progress`` ∈ [0, 1]
+    from 1 to ``floor`` (Loshchilov & Hutter 2017, SGDR eq. 5 without restarts)."""
+    return min(1.0, (step + 1) / warmup) * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def train_vae(
@@ -179,7 +201,8 @@ def train_vae(
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     loss = torch.zeros(())
-    for step in _budget(steps, seconds, "vae"):
+    for step, progress in _budget(steps, seconds, "vae"):
+        _set_lr(optimizer, lr * warmup_cosine(step, progress, warmup=100))
         idx = torch.randint(len(images), (batch_size,), generator=gen)
         x = to_unit_range(images[idx.to(images.device)].to(device))  # B×3×H×W
         with _autocast(device):
@@ -283,13 +306,13 @@ def train_base(
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, fused=fused)
     warmup = max(1, min(500, steps // 20))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     add_time_ids = time_ids(image_size, batch_size, device)
     ids_1, ids_2 = ids_1.to(latent_mean.device), ids_2.to(latent_mean.device)
     ema = [p.detach().clone() for p in params]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     recent: list[float] = []
-    for step in _budget(steps, seconds, "base"):
+    for step, progress in _budget(steps, seconds, "base"):
+        _set_lr(optimizer, lr * warmup_cosine(step, progress, warmup))
         idx = torch.randint(len(latent_mean), (batch_size,), generator=gen).to(latent_mean.device)
         x0 = latent_mean[idx] + latent_std[idx] * torch.randn_like(latent_std[idx])  # B×C×h×w
         x0 = x0.to(device)
@@ -312,7 +335,6 @@ def train_base(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             # EMA θ̄ ← θ̄ + (1 − β)(θ − θ̄) with the warm-up β = min(β_max, (1 + k) / (10 + k)).
@@ -363,6 +385,7 @@ def pretrain_base(
     seconds: float | None = None,
     seed: int = 0,
     data: tuple[torch.Tensor, list[str]] | None = None,
+    init_from: str | Path | None = None,
 ) -> Path:
     """Pretrain the world's SDXL-architecture base model and save it as a pipeline directory in ``out_dir``.
 
@@ -376,6 +399,9 @@ def pretrain_base(
         seconds: wall-clock budget of the denoising phase (default: the scale's ``base_seconds``).
         seed: seed of initialisation, data and noise.
         data: (uint8 N×3×H×W images, captions) to train on instead of ``world_data`` of the scale's size.
+        init_from: a saved base pipeline to continue from: its VAE is kept as it is (no VAE phase) and the UNet
+            and text encoders train on with a fresh optimizer, warm-up and schedule, so that a run longer than one
+            time budget can be split into several (the saved weights are the EMA of the previous run).
     """
     cfg = _scale(scale)
     cfg = replace(
@@ -393,28 +419,24 @@ def pretrain_base(
     start = time.monotonic()
     images, captions = data if data is not None else world_data(cfg.num_images, seed, cfg.image_size, device)
     logger.info("world data: %d images in %.1f s", len(images), time.monotonic() - start)
-    with tempfile.TemporaryDirectory() as skeleton:
-        build_tiny_sdxl(
-            Path(skeleton) / "init",
-            seed=seed,
-            image_size=cfg.image_size,
-            unet_config=cfg.unet_config or None,
-            text_config=cfg.text_config or None,
-            vae_config=cfg.vae_config or None,
-        )
-        pipe = StableDiffusionXLPipeline.from_pretrained(Path(skeleton) / "init", torch_dtype=torch.float32)
     images = images.to(device)
-    train_vae(
-        pipe.vae,
-        images,
-        cfg.vae_steps,
-        cfg.vae_batch_size,
-        device,
-        lr=cfg.vae_lr,
-        kl_weight=cfg.kl_weight,
-        seconds=cfg.vae_seconds,
-        seed=seed,
-    )
+    if init_from is not None:
+        pipe = StableDiffusionXLPipeline.from_pretrained(init_from, torch_dtype=torch.float32)
+        pipe.vae.to(device).eval()
+        logger.info("continuing from %s (VAE kept, scaling_factor %.4f)", init_from, pipe.vae.config.scaling_factor)
+    else:
+        pipe = _initial_pipeline(cfg, seed)
+        train_vae(
+            pipe.vae,
+            images,
+            cfg.vae_steps,
+            cfg.vae_batch_size,
+            device,
+            lr=cfg.vae_lr,
+            kl_weight=cfg.kl_weight,
+            seconds=cfg.vae_seconds,
+            seed=seed,
+        )
     latent_mean, latent_std = encode_latents(pipe.vae, images, device)
     del images
     ids_1 = tokenize(pipe.tokenizer, captions)  # N×L
@@ -437,6 +459,20 @@ def pretrain_base(
     )
     logger.info("base: final loss %.4f after %.0f s in all", loss, time.monotonic() - start)
     return save_pipeline(pipe, Path(out_dir))
+
+
+def _initial_pipeline(cfg: PretrainScale, seed: int) -> StableDiffusionXLPipeline:
+    """A randomly initialised pipeline of the scale's component sizes."""
+    with tempfile.TemporaryDirectory() as skeleton:
+        build_tiny_sdxl(
+            Path(skeleton) / "init",
+            seed=seed,
+            image_size=cfg.image_size,
+            unet_config=cfg.unet_config or None,
+            text_config=cfg.text_config or None,
+            vae_config=cfg.vae_config or None,
+        )
+        return StableDiffusionXLPipeline.from_pretrained(Path(skeleton) / "init", torch_dtype=torch.float32)
 
 
 def _scale(scale: str | PretrainScale) -> PretrainScale:
@@ -465,6 +501,6 @@ def pretrain_world(
     cfg = _scale(scale)
     data = world_data(cfg.num_images, seed, cfg.image_size, device)
     paths = {"base": pretrain_base(out_dir / "base", steps=steps, device=device, scale=cfg, seed=seed, data=data)}
-    paths["clip"] = train_clip(out_dir / "clip", device=device, scale=cfg, seed=seed, data=data)
+    paths["clip"] = train_clip(out_dir / "clip", device=device, scale=cfg, seed=seed)  # renders all pairs
     paths["dino"] = train_dino(out_dir / "dino", device=device, scale=cfg, seed=seed)
     return paths
