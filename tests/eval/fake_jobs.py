@@ -40,6 +40,9 @@ def main(argv: list[str]) -> int:
     stage, argv = argv[0], argv[1:]
     with open(os.environ["FAKE_CALLS"], "a") as handle:
         handle.write(json.dumps([stage, *argv]) + "\n")
+    if "FAKE_THREADS" in os.environ:
+        with open(os.environ["FAKE_THREADS"], "a") as handle:
+            handle.write(os.environ.get("OMP_NUM_THREADS", "unset") + "\n")
     parser = argparse.ArgumentParser()
     if stage == "train":
         for flag in ("--instance-data-dir", "--output-dir", "--seed", "--base", "--max-train-steps", "--device",

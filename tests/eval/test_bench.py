@@ -204,3 +204,16 @@ def test_changed_protocol_is_refused(tmp_path, dreambooth_root, monkeypatch):
     with pytest.raises(ValueError, match="other settings \\(steps: 2 -> 3\\)"):
         bench(_config(out, dreambooth_root, ["fixed-8"], seeds=[0], steps=3))
     assert bench(_config(out, dreambooth_root, ["fixed-8", "lora2"], seeds=[0, 1])) == {"done": 4}  # grid may grow
+
+
+def test_concurrent_jobs_share_the_cores(tmp_path, dreambooth_root, monkeypatch):
+    threads = tmp_path / "threads.txt"
+    monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setenv("FAKE_THREADS", str(threads))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    bench(_config(tmp_path / "bench", dreambooth_root, ["fixed-8"], seeds=[0]))  # cpu_jobs=2
+    assert set(threads.read_text().split()) == {"4"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a user's own setting is kept
+    bench(_config(tmp_path / "bench2", dreambooth_root, ["fixed-8"], seeds=[0]))
+    assert threads.read_text().split()[-1] == "3"

@@ -312,6 +312,7 @@ class Bench:
 
     def __init__(self, config: BenchConfig):
         self.config = config
+        self.threads_per_job = 1  # set by run() from the number of concurrent jobs
         self.out = Path(config.out)
         self.methods = resolve_methods(config.methods)
         self.subjects = resolve_subjects(config.subjects, config.data_root)
@@ -486,6 +487,7 @@ class Bench:
     def _launch(self, job: Job, slot: str | None) -> tuple[subprocess.Popen, float]:
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = slot if slot is not None else ""
+        env.setdefault("OMP_NUM_THREADS", str(self.threads_per_job))  # a user's setting wins
         src = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
         command = job.command()
@@ -573,6 +575,9 @@ class Bench:
             else:
                 pending[job.key] = job
         devices = self._slots()
+        # jobs share the host's cores: more intra-op threads than cores stalls every job (OpenMP spin-waits; measured
+        # on 2 cores: two jobs of 2 threads each slowed from 4 to 0.1 steps/s for minutes at a time)
+        self.threads_per_job = max(1, (os.cpu_count() or 1) // len(devices))
         deadline = time.time() + self.config.time_limit if self.config.time_limit else None
         progress = tqdm(total=len(pending), desc="bench jobs", unit="job")
         logger.info("%d jobs to run (%d already done) on %d slot(s)", len(pending), len(done), len(devices))
