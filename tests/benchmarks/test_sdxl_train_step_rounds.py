@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import lora2
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sdxl_train_step.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("sdxl_train_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_schedule_interleaves_pairs_and_swaps_their_order(bench):

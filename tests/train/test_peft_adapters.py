@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import warnings
 
 import pytest
@@ -13,12 +11,12 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from peft import PeftModel
 from peft.tuners.adalora import AdaLoraModel
 from safetensors.torch import load_file
-from train_helpers import fast_config
+from train_helpers import fast_config, train_with_sigterm_at_step
 
 from lora2.cli import main
 from lora2.eval.evaluate import adapter_summary
 from lora2.train import checkpoint as ckpt
-from lora2.train import loop, peft_adapters
+from lora2.train import peft_adapters
 from lora2.train.config import TrainConfig
 from lora2.train.loop import train
 
@@ -160,19 +158,8 @@ def test_dora_reloads_exactly_with_peft_and_diffusers(dora_run, tiny_base):
 
 def test_dora_resume_equals_uninterrupted(dora_run, tiny_base, instance_dir, tmp_path, monkeypatch):
     _, straight = dora_run
-    calls = {"n": 0}
-    real_loss = loop.diffusion_loss
-
-    def loss_then_sigterm(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2
-        return real_loss(*args, **kwargs)
-
     out = tmp_path / "run"
-    monkeypatch.setattr(loop, "diffusion_loss", loss_then_sigterm)
-    interrupted = train(_dora_config(tiny_base, instance_dir, out))
-    monkeypatch.setattr(loop, "diffusion_loss", real_loss)
+    interrupted = train_with_sigterm_at_step(_dora_config(tiny_base, instance_dir, out), monkeypatch)
     assert interrupted.status == "interrupted" and interrupted.step == 2
     resumed = train(_dora_config(tiny_base, instance_dir, out, resume="latest"))
     assert resumed.status == "completed" and resumed.step == 3

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 
@@ -13,7 +12,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
-from train_helpers import fast_config
+from train_helpers import fast_config, train_with_sigterm_at_step
 
 from lora2.cli import main
 from lora2.train import checkpoint as ckpt
@@ -191,19 +190,8 @@ def straight_run(tiny_base, instance_dir, tmp_path_factory):
 def test_sigterm_checkpoint_and_resume_equal_uninterrupted(
     straight_run, tiny_base, instance_dir, tmp_path, monkeypatch
 ):
-    calls = {"n": 0}
-    real_loss = loop.diffusion_loss
-
-    def loss_then_sigterm(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2
-        return real_loss(*args, **kwargs)
-
     out = tmp_path / "run"
-    monkeypatch.setattr(loop, "diffusion_loss", loss_then_sigterm)
-    interrupted = train(_resume_config(tiny_base, instance_dir, out))
-    monkeypatch.setattr(loop, "diffusion_loss", real_loss)
+    interrupted = train_with_sigterm_at_step(_resume_config(tiny_base, instance_dir, out), monkeypatch)
     assert interrupted.status == "interrupted" and interrupted.step == 2
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from lora2.train import loop
 from lora2.train.config import TrainConfig
 
 
@@ -79,3 +82,21 @@ def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def train_with_sigterm_at_step(config: TrainConfig, monkeypatch, step: int = 2):
+    """``train(config)`` with a SIGTERM arriving during training step ``step`` (the run checkpoints and stops)."""
+    calls = {"n": 0}
+    real_loss = loop.diffusion_loss
+
+    def loss_then_sigterm(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "diffusion_loss", loss_then_sigterm)
+    try:
+        return loop.train(config)
+    finally:
+        monkeypatch.setattr(loop, "diffusion_loss", real_loss)

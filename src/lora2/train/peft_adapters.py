@@ -102,7 +102,9 @@ def peft_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
 
 
 def has_peft_adapter(model: nn.Module) -> bool:
-    return next(peft_layers(model), None) is not None
+    """Whether ``inject_peft`` adapted ``model``: peft's tuner records its config on the model, so this needs no
+    walk over the modules (it runs every training step, also for LoRA² models)."""
+    return ADAPTER_NAME in (getattr(model, "peft_config", None) or {})
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
