@@ -3,7 +3,8 @@
 # and, beside it on the same GPU, the CLIP then the DINO evaluator in another. Each phase stops at its wall-clock
 # budget (PretrainScale.*_seconds) and saves. PARTS (default "base clip dino") picks the models to train.
 # INIT_FROM=<base pipeline folder> continues that base (UNet + text encoders, VAE kept) instead of starting anew;
-# BASE_SECONDS overrides the UNet phase's budget (e.g. 480 when no VAE phase runs).
+# BASE_SECONDS overrides the UNet phase's budget (e.g. 480 when no VAE phase runs); BASE_BATCH and BASE_LR its
+# batch size and peak learning rate.
 # Results: $OUT/clip.tar, $OUT/dino.tar, the base as 15 MB parts $OUT/base.tar.part-*, and $OUT/logs.tgz (logs and
 # samples.png, a grid of 4 held-out prompts x 4 seeds).
 #
@@ -27,18 +28,23 @@ python3 -c "import torch, diffusers, transformers; print(torch.__version__, diff
 base_pid=
 if [[ " $PARTS " == *" base "* ]]; then
   python3 - "$WORK" "$SCALE" "$DEVICE" "$LOGS" >"$LOGS/base.log" 2>&1 <<'PY' &
-import logging, sys, time
+import logging, os, sys, time
+from dataclasses import replace
 from pathlib import Path
 import numpy as np, torch
 from PIL import Image
 from diffusers import StableDiffusionXLPipeline
 from lora2.world import generator
-from lora2.world.pretrain import pretrain_base
+from lora2.world.pretrain import SCALES, pretrain_base
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 work, scale, device, logs = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
-import os
-seconds = float(os.environ["BASE_SECONDS"]) if os.environ.get("BASE_SECONDS") else None
-path = pretrain_base(work / "base", device=device, scale=scale, seconds=seconds, init_from=os.environ.get("INIT_FROM") or None)
+env = {k: os.environ.get(k) or None for k in ("BASE_SECONDS", "BASE_BATCH", "BASE_LR", "INIT_FROM")}
+cfg = SCALES[scale] if env["BASE_LR"] is None else replace(SCALES[scale], base_lr=float(env["BASE_LR"]))
+path = pretrain_base(
+    work / "base", device=device, scale=cfg, init_from=env["INIT_FROM"],
+    seconds=float(env["BASE_SECONDS"]) if env["BASE_SECONDS"] else None,
+    batch_size=int(env["BASE_BATCH"]) if env["BASE_BATCH"] else None,
+)
 # Sanity grid: 4 held-out (shape, colour) prompts x 4 seeds, as plain diffusers generates them.
 t0 = time.monotonic()
 pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=torch.float32).to(device)

@@ -7,14 +7,15 @@ Two parts (``--part``), each written into one JSON file (``--out``, merged with 
     the set (the next one, a derangement); also the fraction of images whose own prompt scores higher.
   - Attribute accuracy: colour by pixel statistics of the foreground (pixels farther than ``FG_DIST`` from every
     background pixel of the prompt's background rendered alone; each foreground pixel votes for the nearest world
-    colour or its pattern shade; majority wins), shape by CLIP zero-shot over "a photo of a {shape}", position by
-    the foreground centroid. The same checks on the world's own renders of the same scenes give their ceiling, and
-    on those renders passed through the base model's VAE the ceiling its latent space allows.
+    colour or its pattern shade; majority wins), shape by the best-overlapping world silhouette (and again by CLIP
+    zero-shot among captions that differ in the shape only), position by the foreground centroid. The same checks
+    on the world's own renders of the same scenes give their ceiling, and on those renders passed through the base
+    model's VAE the ceiling its latent space allows.
 * ``dreambooth``: per subject, DINO (world DINO evaluator, CLS cosine, mean over generated × reference images) of
-  "a photo of sks {class}" generations before and after a fixed-rank LoRA DreamBooth run
-  (``lora2.inject(pipe.unet, LoRA2Config(adaptive=False, init_rank=16))``, a minimal ε-prediction loop on the
-  subject's 4-6 instance images), plus CLIP-I, the references' own mean pairwise DINO (ceiling) and the DINO of
-  the other subjects' references to this subject's (floor: a different object of the same world).
+  "a photo of sks {class}" generations before and after a fixed-rank LoRA DreamBooth run of lora2's trainer
+  (``lora2 train --rank-mode fixed --init-rank 16`` on the subject's 4-6 instance images; the adapter file loaded
+  back with diffusers' ``load_lora_weights``), plus CLIP-I, the references' own mean pairwise DINO (ceiling) and
+  the DINO of the other subjects' references to this subject's (floor: a different object of the same world).
 
 usage: python benchmarks/world_quality.py --part prompts|dreambooth|all [--subjects a,b] [--steps 300]
 """
@@ -25,26 +26,28 @@ import argparse
 import functools
 import json
 import logging
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor, ViTImageProcessor, ViTModel
 
-import lora2
+from lora2.train import TrainConfig, train
 from lora2.world import generator, info
 from lora2.world.evaluators import clip_embed_images, clip_embed_texts, dino_embed
-from lora2.world.pretrain import encode_text, time_ids, tokenize
 
 logger = logging.getLogger("world_quality")
 
 FG_DIST = 0.22  # RGB distance in [0, 1] units above which a pixel is not background
 GUIDANCE = 5.0
 STEPS = 20
+DREAMBOOTH_RANK = 16
+DREAMBOOTH_LR = 1e-3
 ROOT = Path(__file__).resolve().parent
 
 
@@ -264,53 +267,42 @@ def clip_i_score(models: dict, images: list, references: list) -> float:
     return float((gen @ ref.T).mean())
 
 
-def lora_dreambooth(
-    pipe, images: list[Image.Image], prompt: str, steps: int, rank: int, lr: float, seed: int, batch_size: int = 2
-):
-    """Minimal fixed-rank LoRA DreamBooth: ε-prediction loss on random pairs of instance images (no prior
-    preservation), adapters on the UNet attention projections only, AdamW."""
-    torch.manual_seed(seed)
-    lora2.inject(pipe.unet, lora2.LoRA2Config(adaptive=False, init_rank=rank))
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    pixels = torch.stack(
-        [torch.from_numpy(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))) for im in images]
-    )  # N×H×W×3 uint8
-    x = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # N×3×H×W
-    with torch.no_grad():
-        dist = pipe.vae.encode(x).latent_dist
-        ids_1, ids_2 = tokenize(pipe.tokenizer, [prompt]), tokenize(pipe.tokenizer_2, [prompt])
-        prompt_embeds, pooled = encode_text(pipe, ids_1, ids_2)  # 1×L×D, 1×p
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    params = [p for p in pipe.unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    batch = min(batch_size, len(images))
-    add_time_ids = time_ids(size, batch, torch.device("cpu"))
-    pipe.unet.train()
-    losses = []
-    for step in range(steps):
-        pick = torch.randperm(len(images))[:batch]
-        latents = dist.sample()[pick] * pipe.vae.config.scaling_factor  # B×C×h×w
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,))
-        pred = pipe.unet(
-            noise_scheduler.add_noise(latents, noise, t),
-            t,
-            encoder_hidden_states=prompt_embeds.expand(batch, -1, -1),
-            added_cond_kwargs={"text_embeds": pooled.expand(batch, -1), "time_ids": add_time_ids},
-        ).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 50 == 0:
-            logger.info("dreambooth step %d loss %.4f", step, np.mean(losses[-50:]))
-    pipe.unet.eval()
-    return float(np.mean(losses[-50:]))
+def trainer_dreambooth(
+    base: str, subject_dir: Path, class_name: str, prompt: str, steps: int, seed: int, out_dir: Path
+) -> Path:
+    """Fixed-rank LoRA DreamBooth with lora2's trainer (``lora2 train --rank-mode fixed --init-rank 16``: UNet
+    attention projections, no prior preservation, batch 2, AdamW lr 1e-3 without weight decay); returns the
+    diffusers-format adapter file."""
+    config = TrainConfig(
+        base=base,
+        instance_data_dir=str(subject_dir),
+        instance_prompt=prompt,
+        class_name=class_name,
+        output_dir=str(out_dir),
+        rank_mode="fixed",
+        init_rank=DREAMBOOTH_RANK,
+        max_train_steps=steps,
+        train_batch_size=2,
+        learning_rate=DREAMBOOTH_LR,
+        adam_weight_decay=0.0,
+        checkpointing_steps=steps,
+        checkpoints_total_limit=1,
+        sample_prompts=[prompt],
+        sample_steps=1,
+        report_to="none",
+        export_formats=["diffusers"],
+        seed=seed,
+        device="cpu",
+    )
+    result = train(config)
+    logger.info("dreambooth %s: loss of the last 50 steps %.4f", subject_dir.name, np.mean(result.losses[-50:]))
+    return result.files["diffusers"]
 
 
-def dreambooth(models: dict, subjects_dir: Path, names: list[str], steps: int, num_images: int, seed: int) -> dict:
-    """Part 2: per-subject DINO before and after a fixed-rank LoRA DreamBooth run."""
+def dreambooth(
+    models: dict, base: str, subjects_dir: Path, names: list[str], steps: int, num_images: int, seed: int
+) -> dict:
+    """Part 2: per-subject DINO before and after a fixed-rank LoRA DreamBooth run of lora2's trainer on ``base``."""
     meta = json.loads((subjects_dir / "subjects.json").read_text())
     records = {r["name"]: r for r in meta["subjects"]}
     unknown = [n for n in names if n not in records]
@@ -324,10 +316,13 @@ def dreambooth(models: dict, subjects_dir: Path, names: list[str], steps: int, n
         prompt = f"a photo of sks {record['class']}"
         start = time.monotonic()
         before = generate(pipe, [prompt] * num_images, seed)
-        final_loss = lora_dreambooth(pipe, refs, prompt, steps=steps, rank=16, lr=1e-3, seed=seed)
+        with tempfile.TemporaryDirectory() as run_dir:
+            run = Path(run_dir)
+            adapter = trainer_dreambooth(base, subjects_dir / name, record["class"], prompt, steps, seed, run)
+            pipe.load_lora_weights(str(adapter))  # diffusers' own loader reads the trainer's file
         after = generate(pipe, [prompt] * num_images, seed)
         recontext = generate(pipe, [f"a photo of sks {record['class']} on the beach"] * 3, seed)
-        lora2.unload(pipe.unet)
+        pipe.unload_lora_weights()
         ref_dino = dino_embed(models["dino"], models["dino_processor"], refs)
         n = len(refs)
         off_diag = (ref_dino @ ref_dino.T).sum() - n
@@ -348,7 +343,6 @@ def dreambooth(models: dict, subjects_dir: Path, names: list[str], steps: int, n
             "dino_other_subjects": dino_score(models, others, refs),
             "clip_i_before": clip_i_score(models, before, refs),
             "clip_i_after": clip_i_score(models, after, refs),
-            "final_loss": final_loss,
             "seconds": round(time.monotonic() - start, 1),
         }
         logger.info("%s: %s", name, out[name])
@@ -356,9 +350,9 @@ def dreambooth(models: dict, subjects_dir: Path, names: list[str], steps: int, n
         Image.fromarray(np.concatenate(strip, axis=1)).save(ROOT / "results" / f"world_dreambooth_{name}.png")
     return {
         "prompt": "a photo of sks {class}",
-        "lora": "fixed rank 16 on to_q, to_k, to_v, to_out.0 (lora2.LoRA2Config(adaptive=False, init_rank=16))",
+        "lora": f"lora2 train --rank-mode fixed --init-rank {DREAMBOOTH_RANK} (to_q, to_k, to_v, to_out.0), batch 2",
         "steps": steps,
-        "learning_rate": 1e-3,
+        "learning_rate": DREAMBOOTH_LR,
         "images_per_score": num_images,
         "subjects": out,
     }
@@ -397,7 +391,7 @@ def main() -> None:
         subjects_dir = Path(paths["subjects_dir"])
         meta = json.loads((subjects_dir / "subjects.json").read_text())["subjects"]
         names = args.subjects.split(",") if args.subjects else [meta[i]["name"] for i in (0, len(meta) // 2, -1)]
-        db = dreambooth(models, subjects_dir, names, args.steps, args.num_images, args.seed)
+        db = dreambooth(models, paths["base_model"], subjects_dir, names, args.steps, args.num_images, args.seed)
         previous = result.get("dreambooth", {}).get("subjects", {})
         db["subjects"] = {**previous, **db["subjects"]}
         result["dreambooth"] = db
