@@ -137,3 +137,7 @@ def test_continuing_a_base_keeps_its_vae_and_trains_the_unet(world_dir, tmp_path
         assert torch.equal(a, b), name
     moved = [not torch.equal(a, b) for a, b in zip(first.unet.parameters(), second.unet.parameters())]
     assert any(moved)
+    for name in ("tokenizer", "tokenizer_2"):
+        for source in (world_dir / "base" / name).iterdir():
+            assert (out / name / source.name).read_bytes() == source.read_bytes(), source
+        assert {f.name for f in (out / name).iterdir()} == {f.name for f in (world_dir / "base" / name).iterdir()}

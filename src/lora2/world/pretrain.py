@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -458,7 +459,18 @@ def pretrain_base(
         seed=seed,
     )
     logger.info("base: final loss %.4f after %.0f s in all", loss, time.monotonic() - start)
-    return save_pipeline(pipe, Path(out_dir))
+    path = save_pipeline(pipe, Path(out_dir))
+    if init_from is not None:
+        _keep_tokenizers(Path(init_from), path)
+    return path
+
+
+def _keep_tokenizers(source: Path, out_dir: Path) -> None:
+    """Give a continued base its source's tokenizer files byte for byte: re-saving them through transformers adds
+    the defaults of whichever version runs (seen with 5.17), changing files whose vocabulary did not change."""
+    for name in ("tokenizer", "tokenizer_2"):
+        shutil.rmtree(out_dir / name)
+        shutil.copytree(source / name, out_dir / name)
 
 
 def _initial_pipeline(cfg: PretrainScale, seed: int) -> StableDiffusionXLPipeline:
