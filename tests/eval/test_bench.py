@@ -128,6 +128,13 @@ def test_time_limit_interrupts_and_the_next_call_resumes(tmp_path, dreambooth_ro
     assert bench(_config(out, dreambooth_root, ["fixed-8"], seeds=[0])) == {"done": 1}
 
 
+def test_jobs_run_seed_by_seed(tmp_path, dreambooth_root):
+    """A grid cut short by its time limit has whole seeds over every subject and method, not whole subjects."""
+    config = _config(tmp_path / "bench", dreambooth_root, ["fixed-8", "lora2"], subjects=["toy1", "pup"])
+    order = [(job.cell.seed, job.cell.subject, job.cell.method.name) for job in Bench(config).jobs()[::2]]
+    assert order == [(seed, s, m) for seed in (0, 1) for s in ("toy1", "pup") for m in ("fixed-8", "lora2")]
+
+
 def test_bad_input_before_any_job(tmp_path, dreambooth_root, monkeypatch):
     monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
     with pytest.raises(ValueError, match="unknown method.*'fixed-7'.*known: fixed-8"):

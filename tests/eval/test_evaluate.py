@@ -6,10 +6,19 @@ import json
 import shutil
 
 import pytest
+import torch
 import yaml
 
 from lora2.cli import main
-from lora2.eval.evaluate import EvalConfig, adapter_summary, default_base, evaluate, find_adapter, resolve_evaluators
+from lora2.eval.evaluate import (
+    EvalConfig,
+    adapter_summary,
+    default_base,
+    default_batch_size,
+    evaluate,
+    find_adapter,
+    resolve_evaluators,
+)
 from lora2.eval.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
 
@@ -43,6 +52,19 @@ def test_eval_writes_json_and_is_deterministic(tiny_sdxl, tiny_adapter, dreamboo
         _config(tiny_sdxl, tiny_adapter, dreambooth_root, evaluators, tmp_path, output=str(tmp_path / "b.json"))
     )
     assert again["per_prompt"] == result["per_prompt"]
+
+
+def test_scores_do_not_depend_on_the_batch_size(tiny_sdxl, tiny_adapter, dreambooth_root, evaluators, tmp_path):
+    """Image j of a prompt has its own generator: a GPU's default batch (64) and a CPU's (8) give the same cells."""
+    assert default_batch_size(torch.device("cpu")) == 8 and default_batch_size(torch.device("cuda")) == 64
+    results = []
+    for batch_size in (1, 3):
+        output = str(tmp_path / f"eval{batch_size}.json")
+        grid = dict(num_images=2, max_prompts=2, batch_size=batch_size, output=output)
+        results.append(evaluate(_config(tiny_sdxl, tiny_adapter, dreambooth_root, evaluators, tmp_path, **grid)))
+    for one, three in zip(*(r["per_prompt"] for r in results)):
+        for metric in ("dino", "clip_i", "clip_t"):
+            assert three[metric] == pytest.approx(one[metric], abs=1e-4)
 
 
 def test_eval_from_run_folder_via_cli(tiny_sdxl, tiny_adapter, dreambooth_root, evaluators, tmp_path):

@@ -110,3 +110,39 @@ def test_not_a_bench_folder(tmp_path):
     (tmp_path / "cells").mkdir()
     with pytest.raises(ValueError, match="holds no cells"):
         report(tmp_path)
+
+
+def _second_folder(tmp_path: Path, bench_dir: Path, **protocol) -> Path:
+    """Another bench folder of the same grid (another machine): one repeated cell, one finishing a failed cell."""
+    other = tmp_path / "other"
+    (other / "cells").mkdir(parents=True)
+    grid = json.loads((bench_dir / "bench.json").read_text())
+    (other / "bench.json").write_text(json.dumps({**grid, **protocol}))
+    _cell(other, "a", "lora2", 0, score=0.65, ranks=dict.fromkeys(MODULES, 4))  # also in bench_dir, with 0.6
+    _cell(other, "a", "fixed-512", 0, score=0.4, ranks=dict.fromkeys(MODULES, 512))  # failed in bench_dir
+    _cell(other, "b", "fixed-8", 2, score=0.9, ranks=dict.fromkeys(MODULES, 8))  # only here
+    return other
+
+
+def test_report_pools_folders(tmp_path, bench_dir):
+    other = _second_folder(tmp_path, bench_dir)
+    pooled = tmp_path / "pooled"
+    assert main(["report", str(bench_dir), str(other), "--out", str(pooled)]) == 0
+    cells = {(c["subject"], c["method"], c["seed"]): c for c in json.loads((pooled / "cells.json").read_text())}
+    assert cells["a", "lora2", 0]["scores"]["dino"] == pytest.approx(0.6)  # the first folder's counts
+    assert cells["a", "lora2", 0]["folder"] == str(bench_dir)
+    assert cells["a", "fixed-512", 0]["state"] == "done" and cells["a", "fixed-512", 0]["folder"] == str(other)
+    assert ("b", "fixed-8", 2) in cells
+    text = (pooled / "report.md").read_text()
+    assert "| a/lora2/seed0 | bench → other | 0.600 → 0.650 | +0.050 |" in text
+    assert "Largest difference over 1 repeated cells and the three metrics: 0.0500." in text
+    assert "failed" not in text  # the failed cell was finished in the other folder
+    assert not (bench_dir / "report.md").exists()
+
+
+def test_report_refuses_mixed_protocols(tmp_path, bench_dir):
+    other = _second_folder(tmp_path, bench_dir, steps=500)
+    with pytest.raises(ValueError, match=r"different settings \(steps: None vs 500\)"):
+        report(bench_dir, other, out=tmp_path / "pooled")
+    with pytest.raises(ValueError, match="give --out"):
+        report(bench_dir, other)

@@ -13,7 +13,9 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the run's, else 5.0")
     parser.add_argument("--resolution", type=int, default=None, help="default: the run's training resolution")
     parser.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N of the 25 prompts")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="images per pipeline call (default: 8 on the CPU, 64 on a GPU)"
+    )
     parser.add_argument("--dino-model", default=None, help="ViT folder or hub id (default: world's, else dino-vits16)")
     parser.add_argument("--clip-model", default=None, help="CLIP folder or hub id (default: world's, else ViT-B/32)")
     parser.add_argument("--device", default="auto")
@@ -48,7 +50,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 def _run_report(args: argparse.Namespace) -> int:
     from lora2.eval.report import report
 
-    print(report(args.dir))
+    print(report(*args.dirs, out=args.out))
     return 0
 
 
@@ -88,6 +90,7 @@ def register(subparsers) -> None:
     parser.add_argument("--skip-eval", action="store_true", help="train only")
     parser.set_defaults(func=_run_bench)
 
-    parser = subparsers.add_parser("report", help="results table (report.md) and plots of a bench folder")
-    parser.add_argument("dir", help="bench folder")
+    parser = subparsers.add_parser("report", help="results table (report.md) and plots of bench folders")
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="bench folder(s) of one protocol, pooled")
+    parser.add_argument("--out", default=None, help="report folder (default: the bench folder, if only one)")
     parser.set_defaults(func=_run_report)

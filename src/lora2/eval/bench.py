@@ -52,7 +52,7 @@ RUN_CONFIG = "train_config.yaml"
 MAX_ATTEMPTS = 2
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # BenchConfig fields that change results: a bench folder refuses a call that changes them
-_PROTOCOL_KEYS = ("base", "steps", "train_args", "eval_args")
+PROTOCOL_KEYS = ("base", "steps", "train_args", "eval_args")
 # ``python -m lora2.cli`` needs a cli/__main__.py; this works with only the package on PYTHONPATH (no install)
 LORA2_COMMAND = (sys.executable, "-c", "import sys; from lora2.cli import main; sys.exit(main())")
 RESIZE_COMMAND = (
@@ -323,11 +323,12 @@ class Bench:
         self._check_train_args()
         if not config.skip_eval:
             self._check_evaluators()
+        # seed-major: a grid stopped by its time limit has whole seeds done over every subject and method
         self.cells = [
             Cell(subject, method, seed, self.out / "cells" / subject / method.name / f"seed{seed}")
+            for seed in config.seeds
             for subject in self.subjects
             for method in self.methods
-            for seed in config.seeds
         ]
         self.log_path = self.out / "cells.jsonl"
         self._check_same_settings()
@@ -373,7 +374,7 @@ class Bench:
             return
         before = json.loads(path.read_text(encoding="utf-8"))
         now = asdict(self.config)
-        changed = {key: (before.get(key), now[key]) for key in _PROTOCOL_KEYS if before.get(key) != now[key]}
+        changed = {key: (before.get(key), now[key]) for key in PROTOCOL_KEYS if before.get(key) != now[key]}
         if changed:
             details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
             raise ValueError(f"{self.out} was run with other settings ({details}); use a new --out or the same ones")

@@ -1,8 +1,12 @@
-"""`lora2 report DIR`: the paper-style results table and plots of a ``lora2 bench`` folder.
+"""`lora2 report DIR [DIR ...]`: the paper-style results table and plots of ``lora2 bench`` folders.
 
-Reads every ``cells/<subject>/<method>/seed<k>/`` (status.json, run/eval.json, the adapter) and writes
-``DIR/report.md`` with the table (rows: methods; DINO, CLIP-I, CLIP-T as mean ± std over subjects × seeds; adapter
-size in GiB of fp32 parameters; mean rank over layers; training time) and the PNG plots:
+Reads every ``cells/<subject>/<method>/seed<k>/`` (status.json, run/eval.json, the adapter) of one folder, or of
+several folders of the same protocol (a grid split over machines: one folder per GPU host or CPU run), and writes
+``report.md``, ``cells.json`` (every cell's scores, size, ranks and folder) and the plots, into the folder or
+``--out``. A cell evaluated in two folders counts once (the first folder's) and is listed with both scores: the
+check that two machines reproduce each other. ``report.md`` holds the table (rows: methods; DINO, CLIP-I, CLIP-T as
+mean ± std over subjects × seeds; adapter size in GiB of fp32 parameters; mean rank over layers; training time) and
+the PNG plots:
 
 - ``pareto.png``: each metric against adapter size (log scale), one point per method with its spread;
 - ``rank_heatmap_<subject>.png``: per-layer ranks of the learned-rank methods (rows: layers; columns: method/seed);
@@ -18,7 +22,7 @@ import json
 import logging
 import re
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -27,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lora2.eval.bench import ADAPTER_FILE, method_registry  # noqa: E402
+from lora2.eval.bench import ADAPTER_FILE, PROTOCOL_KEYS, method_registry  # noqa: E402
 from lora2.eval.evaluate import METRICS, adapter_summary  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ class CellResult:
     size_gb: float | None = None
     mean_rank: float | None = None
     train_seconds: float | None = None
+    folder: str = ""  # the bench folder it was read from
 
 
 def collect(folder: str | Path) -> list[CellResult]:
@@ -70,6 +75,7 @@ def collect(folder: str | Path) -> list[CellResult]:
             state=status["state"],
             error=status.get("error"),
             train_seconds=status.get("train_seconds"),
+            folder=str(folder),
         )
         run = status_path.parent / "run"
         eval_path = run / "eval.json"
@@ -86,6 +92,57 @@ def collect(folder: str | Path) -> list[CellResult]:
     if not results:
         raise ValueError(f"{cells_dir} holds no cells (no status.json): run lora2 bench first")
     return results
+
+
+def _protocol(folder: Path) -> dict:
+    """The settings of a bench folder that change results (``bench.json``; lists compared as sets)."""
+    path = folder / "bench.json"
+    grid = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    values = {key: grid.get(key) for key in PROTOCOL_KEYS}
+    return {key: sorted(value) if isinstance(value, list) else value for key, value in values.items()}
+
+
+def collect_folders(folders: list[Path]) -> tuple[list[CellResult], list[tuple[CellResult, CellResult]]]:
+    """The cells of several bench folders of one protocol, and the pairs of a cell evaluated in two of them.
+
+    A cell evaluated in more than one folder is kept from the first; one that is unfinished in a folder and evaluated
+    in another is taken from the latter. Folders run with different settings cannot be pooled: ValueError.
+    """
+    reference = _protocol(folders[0])
+    for folder in folders[1:]:
+        changed = {k: (reference[k], v) for k, v in _protocol(folder).items() if v != reference[k]}
+        if changed:
+            details = ", ".join(f"{key}: {a!r} vs {b!r}" for key, (a, b) in changed.items())
+            raise ValueError(f"{folders[0]} and {folder} were run with different settings ({details}): not pooled")
+    cells: dict[tuple[str, str, int], CellResult] = {}
+    repeats = []
+    for folder in folders:
+        for cell in collect(folder):
+            key = (cell.subject, cell.method, cell.seed)
+            first = cells.get(key)
+            if first is None or (cell.scores and not first.scores):
+                cells[key] = cell
+            elif cell.scores:
+                repeats.append((first, cell))
+    return list(cells.values()), repeats
+
+
+def repeats_table(repeats: list[tuple[CellResult, CellResult]]) -> str:
+    """Cells evaluated in two folders: both scores and their difference (the first folder's counts)."""
+    lines = [
+        "| Cell | folders | DINO | Δ DINO | CLIP-I Δ | CLIP-T Δ |",
+        "|---|---|---|---|---|---|",
+    ]
+    for first, second in sorted(repeats, key=lambda pair: (pair[0].method, pair[0].subject, pair[0].seed)):
+        delta = {m: second.scores[m] - first.scores[m] for m in METRICS}
+        lines.append(
+            f"| {first.subject}/{first.method}/seed{first.seed} | {Path(first.folder).name} → "
+            f"{Path(second.folder).name} | {first.scores['dino']:.3f} → {second.scores['dino']:.3f} | "
+            f"{delta['dino']:+.3f} | {delta['clip_i']:+.3f} | {delta['clip_t']:+.3f} |"
+        )
+    worst = max(abs(second.scores[m] - first.scores[m]) for first, second in repeats for m in METRICS)
+    lines += ["", f"Largest difference over {len(repeats)} repeated cells and the three metrics: {worst:.4f}."]
+    return "\n".join(lines)
 
 
 def _ordered_methods(results: list[CellResult]) -> list[str]:
@@ -249,14 +306,15 @@ def plot_rank_heatmap(subject: str, cells: list[CellResult], path: Path) -> None
     plt.close(fig)
 
 
-def subject_complexity(bench_dir: Path) -> dict[str, float]:
-    """Subject → complexity from ``subjects.json`` beside the bench's subject folders (world subjects), if any."""
-    grid_path = bench_dir / "bench.json"
-    if not grid_path.is_file():
-        return {}
-    folders = json.loads(grid_path.read_text(encoding="utf-8")).get("subject_folders", {})
+def subject_complexity(bench_dirs: list[Path]) -> dict[str, float]:
+    """Subject → complexity from ``subjects.json`` beside the benches' subject folders (world subjects), if any."""
+    folders = []
+    for bench_dir in bench_dirs:
+        grid_path = bench_dir / "bench.json"
+        if grid_path.is_file():
+            folders += json.loads(grid_path.read_text(encoding="utf-8")).get("subject_folders", {}).values()
     complexity: dict[str, float] = {}
-    for root in {Path(f).parent for f in folders.values()}:
+    for root in {Path(f).parent for f in folders}:
         path = root / "subjects.json"
         if not path.is_file():
             continue
@@ -323,15 +381,23 @@ def plot_rank_breakdown(breakdown: dict[str, dict[str, float]], path: Path) -> N
 
 
 # ---------------------------------------------------------------------- the report
-def report(folder: str | Path) -> Path:
-    """Write ``report.md`` and the PNG plots into a bench folder; returns the Markdown path."""
-    folder = Path(folder)
-    results = collect(folder)
+def report(*folders: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.md``, ``cells.json`` and the PNG plots of one or more bench folders into ``out`` (default: the
+    folder, when there is one); returns the Markdown path."""
+    if not folders:
+        raise ValueError("give at least one bench folder")
+    paths = [Path(f) for f in folders]
+    if out is None and len(paths) > 1:
+        raise ValueError(f"{len(paths)} bench folders: give --out for the pooled report")
+    out_dir = Path(out) if out is not None else paths[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, repeats = collect_folders(paths)
     rows = method_table(results)
+    names = ", ".join(f"`{p}`" for p in paths)
     sections = [
         "# LoRA² benchmark report",
         "",
-        f"Bench folder `{folder}`: {len({r.subject for r in results})} subject(s), {len({r.seed for r in results})} "
+        f"Bench folder(s) {names}: {len({r.subject for r in results})} subject(s), {len({r.seed for r in results})} "
         f"seed(s), {len(rows)} method(s). Metrics are mean ± std over subjects × seeds (each cell: mean over its "
         "prompts). Size: LoRA parameters in fp32, GiB. Mean rank: over adapted layers.",
         "",
@@ -351,7 +417,7 @@ def report(folder: str | Path) -> Path:
         "",
     ]
     plt.rcParams.update({"figure.max_open_warning": 0})
-    plot_pareto(rows, folder / "pareto.png")
+    plot_pareto(rows, out_dir / "pareto.png")
     sections += ["## Quality against size", "", "![pareto](pareto.png)", ""]
 
     learned = [r for r in _learned(results) if r.ranks]
@@ -359,19 +425,19 @@ def report(folder: str | Path) -> Path:
         sections += ["## Where the rank goes", ""]
         for subject in sorted({c.subject for c in learned}):
             name = f"rank_heatmap_{re.sub(r'[^A-Za-z0-9_.-]+', '_', subject)}.png"
-            plot_rank_heatmap(subject, [c for c in learned if c.subject == subject], folder / name)
+            plot_rank_heatmap(subject, [c for c in learned if c.subject == subject], out_dir / name)
             sections.append(f"![{subject}]({name})")
         breakdown = rank_breakdown(learned)
-        plot_rank_breakdown(breakdown, folder / "rank_by_block.png")
+        plot_rank_breakdown(breakdown, out_dir / "rank_by_block.png")
         sections += ["", "![rank by block](rank_by_block.png)", ""]
-        complexity = subject_complexity(folder)
+        complexity = subject_complexity(paths)
         # an SVD truncation to LoRA²'s total rank would hide the LoRA² point under its own
         registry = method_registry()
         with_complexity = [
             c for c in learned if c.subject in complexity and getattr(registry.get(c.method), "kind", "") != "resize"
         ]
         if with_complexity:
-            plot_rank_vs_complexity(with_complexity, complexity, folder / "rank_vs_complexity.png")
+            plot_rank_vs_complexity(with_complexity, complexity, out_dir / "rank_vs_complexity.png")
             sections += ["![rank vs complexity](rank_vs_complexity.png)", ""]
         else:
             sections += ["(No subject complexity known: rank-vs-complexity plot skipped.)", ""]
@@ -385,7 +451,11 @@ def report(folder: str | Path) -> Path:
                 f"- `{r.subject}/{r.method}/seed{r.seed}`: {r.state}" + (f": {first_line}" if first_line else "")
             )
         sections.append("")
-    path = folder / "report.md"
+    if repeats:
+        sections += ["## Cells run in more than one folder", "", repeats_table(repeats), ""]
+    cells = [asdict(r) for r in sorted(results, key=lambda r: (r.seed, r.subject, r.method))]
+    (out_dir / "cells.json").write_text(json.dumps(cells, indent=1) + "\n", encoding="utf-8")
+    path = out_dir / "report.md"
     path.write_text("\n".join(sections), encoding="utf-8")
     logger.info("report -> %s", path)
     return path
