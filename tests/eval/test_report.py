@@ -10,7 +10,15 @@ import pytest
 from safetensors.numpy import save_file
 
 from lora2.cli import main
-from lora2.eval.report import collect, layer_attention, layer_block, method_table, rank_breakdown, report
+from lora2.eval.report import (
+    collect,
+    layer_attention,
+    layer_block,
+    method_table,
+    rank_breakdown,
+    report,
+    spearman,
+)
 
 MODULES = [
     f"{block}.attentions.0.transformer_blocks.0.{attn}.{proj}"
@@ -137,6 +145,7 @@ def test_report_pools_folders(tmp_path, bench_dir):
     assert "| a/lora2/seed0 | bench → other | 0.600 → 0.650 | +0.050 |" in text
     assert "Largest difference over 1 repeated cells and the three metrics: 0.0500." in text
     assert "failed" not in text  # the failed cell was finished in the other folder
+    assert "| lora2 | 2 |" in text  # the complexity table: two subjects, too few for a correlation
     assert not (bench_dir / "report.md").exists()
 
 
@@ -146,3 +155,11 @@ def test_report_refuses_mixed_protocols(tmp_path, bench_dir):
         report(bench_dir, other, out=tmp_path / "pooled")
     with pytest.raises(ValueError, match="give --out"):
         report(bench_dir, other)
+
+
+def test_spearman_is_the_correlation_of_ranks():
+    assert spearman([1, 2, 3, 4], [1, 8, 27, 1000]) == pytest.approx(1.0)  # monotone, not linear
+    assert spearman([1, 2, 3, 4], [9, 5, 2, 0]) == pytest.approx(-1.0)
+    # ties share their mean rank: x ranks (1, 2.5, 2.5, 4), y ranks (1, 3, 2, 4) -> 4.5 / sqrt(4.5 * 5)
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))

@@ -327,6 +327,42 @@ def subject_complexity(bench_dirs: list[Path]) -> dict[str, float]:
     return complexity
 
 
+def _average_ranks(values: list[float]) -> np.ndarray:
+    """Ranks 1..n of ``values``, ties sharing their mean rank."""
+    array = np.asarray(values, dtype=float)
+    order = array.argsort(kind="stable")
+    ranks = np.empty(len(array))
+    ranks[order] = np.arange(1, len(array) + 1)
+    for value in np.unique(array):
+        ranks[array == value] = ranks[array == value].mean()
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the average ranks of ``x`` and ``y`` (NaN if either is
+    constant)."""
+    rx, ry = _average_ranks(x), _average_ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def complexity_table(cells: list[CellResult], complexity: dict[str, float]) -> str:
+    """Per learned-rank method: Spearman ρ of subject complexity against the subject's total rank (mean over seeds)."""
+    lines = ["| Method | subjects | total rank (min–max) | Spearman ρ |", "|---|---|---|---|"]
+    for method in sorted({c.method for c in cells}):
+        totals: dict[str, list[int]] = {}
+        for c in cells:
+            if c.method == method:
+                totals.setdefault(c.subject, []).append(sum(c.ranks.values()))
+        subjects = sorted(totals)
+        means = [statistics.fmean(totals[s]) for s in subjects]
+        rho = spearman([complexity[s] for s in subjects], means) if len(subjects) > 2 else float("nan")
+        shown = "–" if np.isnan(rho) else f"{rho:+.2f}"
+        lines.append(f"| {method} | {len(subjects)} | {min(means):.0f}–{max(means):.0f} | {shown} |")
+    return "\n".join(lines)
+
+
 def plot_rank_vs_complexity(cells: list[CellResult], complexity: dict[str, float], path: Path) -> None:
     """Total rank of each learned-rank cell against its subject's complexity, one colour per method."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -439,10 +475,12 @@ def report(*folders: str | Path, out: str | Path | None = None) -> Path:
         if with_complexity:
             plot_rank_vs_complexity(with_complexity, complexity, out_dir / "rank_vs_complexity.png")
             sections += ["![rank vs complexity](rank_vs_complexity.png)", ""]
+            sections += [complexity_table(with_complexity, complexity), ""]
         else:
             sections += ["(No subject complexity known: rank-vs-complexity plot skipped.)", ""]
 
-    problems = [r for r in results if r.state in ("failed", "interrupted", "pending", "running", "retrying")]
+    unfinished = ("failed", "interrupted", "pending", "running", "retrying", "trained")
+    problems = [r for r in results if r.state in unfinished]
     if problems:
         sections += ["## Unfinished or failed cells", ""]
         for r in problems:
