@@ -50,6 +50,7 @@ class EvalConfig:
     Values left ``None`` are read from the run's training config when there is one (base, subject, identifier,
     resolution, guidance_scale), else fall back to the defaults below.
     num_images: images per prompt; seed: image j of each prompt uses seed + j; max_prompts: first N prompts only.
+    batch_size: images per pipeline call (None: 8 on the CPU, 64 on a GPU); it does not change the images.
     dino_model / clip_model: hub id or local folder; default: the world's evaluators for world subjects, else
     ``facebook/dino-vits16`` / ``openai/clip-vit-base-patch32``.
     output: JSON path (default ``<run>/eval.json``, or ``eval.json`` beside the adapter file).
