@@ -129,10 +129,7 @@ def collect_folders(folders: list[Path]) -> tuple[list[CellResult], list[tuple[C
 
 def repeats_table(repeats: list[tuple[CellResult, CellResult]]) -> str:
     """Cells evaluated in two folders: both scores and their difference (the first folder's counts)."""
-    lines = [
-        "| Cell | folders | DINO | Δ DINO | CLIP-I Δ | CLIP-T Δ |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = ["| Cell | folders | DINO | Δ DINO | Δ CLIP-I | Δ CLIP-T |", "|---|---|---|---|---|---|"]
     for first, second in sorted(repeats, key=lambda pair: (pair[0].method, pair[0].subject, pair[0].seed)):
         delta = {m: second.scores[m] - first.scores[m] for m in METRICS}
         lines.append(
