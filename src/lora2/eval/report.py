@@ -95,7 +95,7 @@ def collect(folder: str | Path) -> list[CellResult]:
 
 
 def _protocol(folder: Path) -> dict:
-    """The settings of a bench folder that change results (``bench.json``; lists compared as sets)."""
+    """The settings of a bench folder that change results (``bench.json``; lists compared regardless of order)."""
     path = folder / "bench.json"
     grid = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     values = {key: grid.get(key) for key in PROTOCOL_KEYS}
