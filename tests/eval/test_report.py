@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,18 @@ def test_report_pools_folders(tmp_path, bench_dir):
     assert "failed" not in text  # the failed cell was finished in the other folder
     assert "| lora2 | 2 |" in text  # the complexity table: two subjects, too few for a correlation
     assert not (bench_dir / "report.md").exists()
+
+
+def test_report_reads_a_folder_archived_without_runs(tmp_path, bench_dir):
+    assert main(["report", str(bench_dir)]) == 0
+    before = json.loads((bench_dir / "cells.json").read_text())
+    for run in (bench_dir / "cells").glob("*/*/seed*/run"):
+        shutil.rmtree(run)  # what benchmarks/gpu_bench.sh brings back: status and logs, no adapters
+    pooled = tmp_path / "pooled"
+    assert main(["report", str(bench_dir), "--out", str(pooled)]) == 0
+    after = json.loads((pooled / "cells.json").read_text())
+    assert [{**c, "folder": ""} for c in after] == [{**c, "folder": ""} for c in before]
+    assert "| lora2 | **0.700 ± 0.100** |" in (pooled / "report.md").read_text()
 
 
 def test_report_refuses_mixed_protocols(tmp_path, bench_dir):

@@ -59,12 +59,25 @@ class CellResult:
     folder: str = ""  # the bench folder it was read from
 
 
+def _archived_cells(folder: Path) -> dict[tuple[str, str, int], dict]:
+    """The cells of this folder's earlier report (``cells.json``), by (subject, method, seed); {} if none."""
+    path = folder / "cells.json"
+    if not path.is_file():
+        return {}
+    return {(c["subject"], c["method"], int(c["seed"])): c for c in json.loads(path.read_text(encoding="utf-8"))}
+
+
 def collect(folder: str | Path) -> list[CellResult]:
-    """Every cell of a bench folder, with its scores and adapter ranks where available."""
+    """Every cell of a bench folder, with its scores and adapter ranks where available.
+
+    A cell archived without its ``run/`` folder (``benchmarks/gpu_bench.sh`` leaves adapters and checkpoints on the
+    device) takes its scores, ranks and size from the folder's ``cells.json``, written by ``lora2 report`` before.
+    """
     folder = Path(folder)
     cells_dir = folder / "cells"
     if not cells_dir.is_dir():
         raise ValueError(f"{folder} is not a lora2 bench folder (no cells/ inside)")
+    archived = _archived_cells(folder)
     results = []
     for status_path in sorted(cells_dir.glob("*/*/seed*/status.json")):
         status = json.loads(status_path.read_text(encoding="utf-8"))
@@ -78,6 +91,12 @@ def collect(folder: str | Path) -> list[CellResult]:
             folder=str(folder),
         )
         run = status_path.parent / "run"
+        before = archived.get((cell.subject, cell.method, cell.seed))
+        if not run.is_dir() and before is not None:
+            cell.scores, cell.ranks = before["scores"], before["ranks"]
+            cell.size_gb, cell.mean_rank = before["size_gb"], before["mean_rank"]
+            results.append(cell)
+            continue
         eval_path = run / "eval.json"
         adapter = None
         if eval_path.is_file():
