@@ -4,7 +4,8 @@ Reads every ``cells/<subject>/<method>/seed<k>/`` (status.json, run/eval.json, t
 several folders of the same protocol (a grid split over machines: one folder per GPU host or CPU run), and writes
 ``report.md``, ``cells.json`` (every cell's scores, size, ranks and folder) and the plots, into the folder or
 ``--out``. A cell evaluated in two folders counts once (the first folder's) and is listed with both scores: the
-check that two machines reproduce each other. ``report.md`` holds the table (rows: methods; DINO, CLIP-I, CLIP-T as
+check that two machines reproduce each other. A folder archived without its ``run/`` folders is read from the
+``cells.json`` of its earlier report. ``report.md`` holds the table (rows: methods; DINO, CLIP-I, CLIP-T as
 mean ± std over subjects × seeds; adapter size in GiB of fp32 parameters; mean rank over layers; training time) and
 the PNG plots:
 
