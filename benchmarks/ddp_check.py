@@ -20,10 +20,9 @@ import time
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from lora2.train.config import TrainConfig
-from lora2.train.loop import train
+from lora2.train.recipe import train
 
 
 def adapter_digest(state: dict[str, torch.Tensor]) -> str:
@@ -35,16 +34,6 @@ def adapter_digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def parse_value(text: str):
-    """A KEY=VALUE value as int, float (YAML 1.1 reads "1e-3" as a string) or YAML scalar."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return yaml.safe_load(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instance-data-dir", required=True)
@@ -52,11 +41,13 @@ def main() -> None:
     parser.add_argument("--result", required=True)
     parser.add_argument("options", nargs="*", help="TrainConfig fields as KEY=VALUE")
     args = parser.parse_args()
-    options = {key: parse_value(value) for key, value in (item.split("=", 1) for item in args.options)}
+    options = dict(item.split("=", 1) for item in args.options)  # parsed by TrainConfig's own option parser
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    config = TrainConfig(instance_data_dir=args.instance_data_dir, output_dir=args.output_dir, **options)
+    config = TrainConfig.from_dict(
+        {"instance_data_dir": args.instance_data_dir, "output_dir": args.output_dir, **options}
+    )
     start = time.monotonic()
     result = train(config)
     seconds = time.monotonic() - start

@@ -25,8 +25,8 @@ hits both alike. A row reports the median over all timed steps of all rounds, th
 spread; ``--budget-s`` starts no row or pair after the budget, nor one that its last round's time says would end
 past it. The CUDA-graph row first checks that the graphed step's adapter gradients equal the eager step's.
 
-Also measured once: a rank change of every adapted layer at once (through ``lora2.sync_ranks``, the function
-the optimizer post-step hook calls), and exporting an SDXL-size adapter to a file.
+Also measured once: a rank change of every adapted layer at once (through ``lora2.sync_ranks``, the call after
+each optimizer step), and exporting an SDXL-size adapter to a file.
 
     python benchmarks/sdxl_train_step.py --out-dir $OUT --profile --warmup 2 --steps 10 --budget-s 290  # H200 run
     python benchmarks/sdxl_train_step.py --tiny --out-dir /tmp/bench --count-ops   # CPU smoke test, operator counts
@@ -271,14 +271,13 @@ def remove_peft(unet: nn.Module) -> None:
         del unet.peft_config
 
 
-def inject_lora2(unet: nn.Module, rank: int, args: argparse.Namespace, entropy_weight: float) -> None:
+def inject_lora2(unet: nn.Module, rank: int, args: argparse.Namespace) -> None:
     config = lora2.LoRA2Config(
         target_modules=TARGETS,
         init_rank=rank,
         max_rank=args.max_rank,
         adaptive=True,
         chunk_size=args.chunk_size,
-        entropy_weight=entropy_weight,
         **({"lambda_scaling": args.lambda_scaling} if args.lambda_scaling else {}),
     )
     lora2.inject(unet, config)
@@ -452,7 +451,7 @@ class Bench:
         if spec.method == "peft":
             inject_peft(unet, spec.rank)
         elif lora2_method:
-            inject_lora2(unet, spec.rank, args, entropy_weight)
+            inject_lora2(unet, spec.rank, args)
         if spec.grad_ckpt:
             unet.enable_gradient_checkpointing()
         entropy_start = entropy_loss = entropy_source = None
@@ -504,7 +503,9 @@ class Bench:
         def step() -> torch.Tensor:
             loss = forward_backward()
             if optimizer is not None:
-                optimizer.step()  # LoRA²: the post-step hook updates ranks here
+                optimizer.step()
+                if lora2_method:
+                    lora2.sync_ranks(optimizer, unet)  # LoRA²: ranks follow ν after each step
             return loss
 
         losses = []
@@ -609,7 +610,7 @@ class Bench:
                 "backbone": spec.backbone,
                 "from_rank": low,
                 "layers": len(layers),
-                "via": "lora2.sync_ranks(optimizer, layers) (what the optimizer post-step hook calls)",
+                "via": "lora2.sync_ranks(optimizer, layers) (the call after each optimizer step)",
                 "median_step_s": step_s,
                 **results,
                 "ratio_grow_vs_step": results["grow"]["seconds"] / step_s,

@@ -273,26 +273,28 @@ def trainer_dreambooth(
     """Fixed-rank LoRA DreamBooth with lora2's trainer (``lora2 train --rank-mode fixed --init-rank 16``: UNet
     attention projections, no prior preservation, batch 2, AdamW lr 1e-3 without weight decay); returns the
     diffusers-format adapter file."""
-    config = TrainConfig(
-        base=base,
-        instance_data_dir=str(subject_dir),
-        instance_prompt=prompt,
-        class_name=class_name,
-        output_dir=str(out_dir),
-        rank_mode="fixed",
-        init_rank=DREAMBOOTH_RANK,
-        max_train_steps=steps,
-        train_batch_size=2,
-        learning_rate=DREAMBOOTH_LR,
-        adam_weight_decay=0.0,
-        checkpointing_steps=steps,
-        checkpoints_total_limit=1,
-        sample_prompts=[prompt],
-        sample_steps=1,
-        report_to="none",
-        export_formats=["diffusers"],
-        seed=seed,
-        device="cpu",
+    config = TrainConfig.from_dict(
+        dict(
+            base=base,
+            instance_data_dir=str(subject_dir),
+            instance_prompt=prompt,
+            class_name=class_name,
+            output_dir=str(out_dir),
+            rank_mode="fixed",
+            init_rank=DREAMBOOTH_RANK,
+            max_train_steps=steps,
+            train_batch_size=2,
+            learning_rate=DREAMBOOTH_LR,
+            adam_weight_decay=0.0,
+            checkpointing_steps=steps,
+            checkpoints_total_limit=1,
+            sample_prompts=[prompt],
+            sample_steps=1,
+            report_to="none",
+            export_formats=["diffusers"],
+            seed=seed,
+            device="cpu",
+        )
     )
     result = train(config)
     logger.info("dreambooth %s: loss of the last 50 steps %.4f", subject_dir.name, np.mean(result.losses[-50:]))

@@ -8,8 +8,7 @@ from torch import nn
 
 from lora2.lora.config import LoRA2Config
 from lora2.lora.layer import LoRA2Layer
-from lora2.lora.model import ImportanceHook, lora_layers
-from lora2.lora.optim import register_layers
+from lora2.lora.model import attach_adapters, detach_adapters, lora_layers
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +16,8 @@ logger = logging.getLogger(__name__)
 def inject(model: nn.Module, config: LoRA2Config) -> nn.Module:
     """Replace every target module of ``model`` by a ``LoRA2Layer`` wrapping it, in place.
 
-    All parameters of the model other than the adapters' are frozen (as peft's ``get_peft_model`` does).
+    All parameters of the model other than the adapters' are frozen (as peft's ``get_peft_model`` does). Call
+    ``lora2.sync_ranks(optimizer, model)`` after every optimizer step so that ranks follow ν.
     Raises ``ValueError`` when no module matches, or when a match is of a type that cannot be adapted.
     """
     if any(True for _ in lora_layers(model)):
@@ -37,16 +37,13 @@ def inject(model: nn.Module, config: LoRA2Config) -> nn.Module:
         base = getattr(parent, child)
         layer = LoRA2Layer(base, config, config.rank_for(name), name=name)
         setattr(parent, child, layer)
-    register_layers([layer for _, layer in lora_layers(model)])
-    model._lora2_importance_hook = ImportanceHook(model)
+    attach_adapters(model)
     logger.info("injected LoRA² into %d modules", len(targets))
     return model
 
 
 def _replace_layers(model: nn.Module, merge: bool) -> nn.Module:
-    hook = model.__dict__.pop("_lora2_importance_hook", None)
-    if hook is not None:
-        hook.remove()
+    detach_adapters(model)
     for name, layer in list(lora_layers(model)):
         if merge:
             layer.merge()

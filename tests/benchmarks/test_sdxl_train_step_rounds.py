@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import lora2
+from lora2.lora.model import adapters_of
 
 
 def test_schedule_interleaves_pairs_and_swaps_their_order(bench):
@@ -187,7 +188,7 @@ def test_graph_stand_in_leaves_python_state_alone():
     model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4))
     lora2.inject(model, lora2.LoRA2Config(target_modules=["0", "2"], init_rank=2, max_rank=4))
     layers = [layer for _, layer in lora2.lora_layers(model)]
-    hook = model.__dict__["_lora2_importance_hook"]
+    hook = adapters_of(model)
     x = torch.randn(5, 8)  # (B, d_in)
     replay = graph_stand_in([])(model, (x,))
 

@@ -12,7 +12,7 @@ import pytest
 from lora2.cli import main
 from lora2.eval.bench import ADALORA_RANKS, DORA_RANK, BenchConfig, bench, method_registry
 from lora2.train.config import TrainConfig
-from lora2.train.loop import train
+from lora2.train.recipe import train
 
 FAKE = [sys.executable, str(Path(__file__).parent / "fake_jobs.py")]
 
@@ -37,7 +37,7 @@ def test_registry_has_trainable_peft_methods():
     }
     assert not [m.name for m in registry.values() if m.kind == "unsupported"]
     for method in ("dora", "adalora"):  # the trainer accepts them at the bench's usual step counts
-        TrainConfig(max_train_steps=300, **registry[method].train_args)
+        TrainConfig.from_dict({"max_train_steps": 300, **registry[method].train_args})
 
 
 def test_bench_runs_peft_methods(tmp_path, dreambooth_root, monkeypatch):
@@ -78,11 +78,11 @@ def test_bad_training_options_fail_before_any_job(tmp_path, dreambooth_root, mon
 def test_eval_run_of_a_peft_training_run(adapter_type, tiny_sdxl, dreambooth_root, evaluators, tmp_path):
     run = tmp_path / "run"
     sizes = {"dora": {"init_rank": 4}, "adalora": {"init_rank": 4, "target_rank": 2, "adalora_delta_t": 1}}
-    config = TrainConfig(
+    config = TrainConfig.from_dict(dict(
         base=str(tiny_sdxl), instance_data_dir=str(dreambooth_root / "pup"), output_dir=str(run), resolution=32,
         max_train_steps=3, learning_rate=1e-2, sample_steps=1, sample_prompts=["{instance}"], report_to="none",
         device="cpu", adapter_type=adapter_type, **sizes[adapter_type],
-    )  # fmt: skip
+    ))  # fmt: skip
     assert train(config).status == "completed"
     dino, clip = evaluators
     argv = ["eval", "--run", str(run), "--num-images", "1", "--max-prompts", "1", "--num-inference-steps", "2",

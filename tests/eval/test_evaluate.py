@@ -16,10 +16,10 @@ from lora2.eval.evaluate import (
     default_base,
     default_batch_size,
     evaluate,
-    find_adapter,
     resolve_evaluators,
 )
 from lora2.eval.metrics import DEFAULT_CLIP, DEFAULT_DINO
+from lora2.train.run_folder import RunFolder
 
 
 def _config(tiny_sdxl, tiny_adapter, dreambooth_root, evaluators, tmp_path, **overrides):
@@ -68,16 +68,16 @@ def test_scores_do_not_depend_on_the_batch_size(tiny_sdxl, tiny_adapter, dreambo
 
 
 def test_eval_from_run_folder_via_cli(tiny_sdxl, tiny_adapter, dreambooth_root, evaluators, tmp_path):
-    run = tmp_path / "run"
-    (run / "final").mkdir(parents=True)
-    shutil.copy(tiny_adapter, run / "final" / "pytorch_lora_weights.safetensors")
+    run = tmp_path / "run"  # the layout of lora2.train.run_folder
+    run.mkdir()
+    shutil.copy(tiny_adapter, run / "pytorch_lora_weights.safetensors")
     config = {
         "base": str(tiny_sdxl),
         "instance_data_dir": str(dreambooth_root / "toy1"),
         "identifier": "zwx",
         "resolution": 32,
     }
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "train_config.yaml").write_text(yaml.safe_dump(config))
     dino, clip = evaluators
     code = main(
         [
@@ -111,7 +111,7 @@ def test_adapter_summary_counts_ranks_and_size(tiny_adapter):
 def test_bad_inputs_fail_before_loading_models(tmp_path, dreambooth_root, tiny_adapter):
     (tmp_path / "run").mkdir()
     with pytest.raises(ValueError, match="no adapter"):
-        find_adapter(tmp_path / "run")
+        RunFolder(tmp_path / "run").find_adapter()
     with pytest.raises(ValueError, match="no training config"):
         evaluate(EvalConfig(run=str(tmp_path / "run")))
     with pytest.raises(ValueError, match="give --run"):

@@ -8,6 +8,7 @@ from torch.utils.checkpoint import checkpoint
 import lora2
 from lora2 import LoRA2Config
 from lora2.lora.layer import storage_importance
+from lora2.lora.model import adapters_of
 from lora2.rank import importance
 
 
@@ -56,7 +57,7 @@ def test_hook_path_equals_per_layer_path(scaling, use_checkpoint):
         net = _model(scaling, alpha=None)
         net.use_checkpoint = use_checkpoint
         if remove_hook:
-            net._lora2_importance_hook.remove()
+            adapters_of(net).remove()
         out = net(x)
         out.square().sum().backward()
         grads = [p.grad.clone() for p in net.parameters() if p.requires_grad]
@@ -81,7 +82,7 @@ def test_hook_follows_rank_changes_and_unload_removes_it():
     expected = layer.base_layer(x) + x @ layer.get_delta_weight().T
     assert torch.allclose(layer(x), expected, atol=1e-6)
     lora2.unload(net)
-    assert not hasattr(net, "_lora2_importance_hook") and not net._forward_pre_hooks
+    assert adapters_of(net) is None and not net._forward_pre_hooks
 
 
 @pytest.mark.parametrize("separate", [False, True])
@@ -93,14 +94,14 @@ def test_regularization_shares_nu_with_the_forward_and_survives_its_backward(sep
     out = net(x).square().sum()
     if separate:
         out.backward()
-        assert net._lora2_importance_hook.current_nu() is None
+        assert adapters_of(net).current_nu() is None
         lora2.regularization(net).backward()
     else:
-        assert net._lora2_importance_hook.current_nu() is not None
+        assert adapters_of(net).current_nu() is not None
         (out + lora2.regularization(net)).backward()
     grads = [p.grad.clone() for p in net.parameters() if p.requires_grad]
     reference = _model("first", alpha=None)
-    reference._lora2_importance_hook.remove()
+    adapters_of(reference).remove()
     (reference(x).square().sum() + lora2.regularization(reference)).backward()
     for a, b in zip(grads, (p.grad for p in reference.parameters() if p.requires_grad)):
         assert torch.allclose(a, b, atol=1e-6)

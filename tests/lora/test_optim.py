@@ -1,6 +1,9 @@
-"""Ranks follow ν after optimizer steps, optimizer state follows re-allocation, and ranks really move."""
+"""Ranks follow ν after each optimizer step (``lora2.sync_ranks``), optimizer state follows re-allocation, and ranks
+really move."""
 
+import pytest
 import torch
+import torch.optim.optimizer as optimizer_module
 from torch import nn
 
 import lora2
@@ -32,6 +35,7 @@ def _toy(true_rank: int, init_rank: int, rank_reg_weight: float, steps: int = 40
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        lora2.sync_ranks(optimizer, model)
     return model, optimizer, (model(x) - target).square().mean().item()
 
 
@@ -62,9 +66,34 @@ def test_sync_keeps_optimizer_state_of_surviving_positions():
     exp_avg = optimizer.state[layer.lora_A]["exp_avg"].clone()
     with torch.no_grad():
         layer.log_nu.fill_(torch.log(torch.tensor(lora2.rank.nu_for_rank(9, 0.9))))
-    assert lora2.sync_ranks(optimizer, [layer]) == 1
+    assert lora2.sync_ranks(optimizer, model) == 1
     assert layer.r == 9 and layer.capacity == 12
     state = optimizer.state[layer.lora_A]["exp_avg"]
     assert state.shape == layer.lora_A.shape
     assert torch.equal(state[:3], exp_avg[:3]) and torch.all(state[3:] == 0)
     assert any(p is layer.lora_A for p in optimizer.param_groups[0]["params"])
+
+
+def test_without_sync_ranks_stay_and_a_warning_says_why(caplog):
+    torch.manual_seed(0)
+    model = lora2.inject(nn.Sequential(nn.Linear(8, 8)), LoRA2Config(target_modules=["0"], init_rank=3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.5)
+    with caplog.at_level("WARNING"):
+        for _ in range(200):
+            model(torch.randn(2, 8)).sum().backward()
+            optimizer.step()
+    assert "sync_ranks" in caplog.text and lora2.ranks(model) == {"0": 3}
+    assert lora2.sync_ranks(optimizer, model) == 1  # the explicit call applies what ν says
+
+
+def test_inject_installs_no_global_optimizer_hook():
+    lora2.inject(nn.Sequential(nn.Linear(8, 8)), LoRA2Config(target_modules=["0"]))
+    assert not optimizer_module._global_optimizer_post_hooks
+
+
+def test_nan_nu_is_a_floating_point_error():
+    model = lora2.inject(nn.Sequential(nn.Linear(8, 8)), LoRA2Config(target_modules=["0"]))
+    with torch.no_grad():
+        model[0].log_nu.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="'0'"):
+        lora2.sync_ranks(None, model)

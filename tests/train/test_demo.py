@@ -28,7 +28,7 @@ def test_demo_writes_its_outputs(tmp_path):
 
 
 def test_demo_names_an_unknown_subject(tmp_path):
-    from lora2.train.demo import demo
+    from lora2.demo import demo
 
     with pytest.raises(ValueError, match="no_such_subject"):
         demo(tmp_path, max_train_steps=1, subject="no_such_subject")

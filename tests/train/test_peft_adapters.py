@@ -15,10 +15,9 @@ from train_helpers import fast_config, train_with_sigterm_at_step
 
 from lora2.cli import main
 from lora2.eval.evaluate import adapter_summary
-from lora2.train import checkpoint as ckpt
-from lora2.train import peft_adapters
+from lora2.train.adapters import backend_class
 from lora2.train.config import TrainConfig
-from lora2.train.loop import train
+from lora2.train.recipe import train
 
 NUM_LAYERS = 32  # to_q/k/v/out.0 of the tiny UNet's 8 attention blocks
 
@@ -80,9 +79,9 @@ def _loaded_three_ways(tiny_base, config: TrainConfig, result) -> tuple[torch.Te
     ``PeftModel.from_pretrained``; the diffusers file through ``pipe.load_lora_weights``."""
     base = UNet2DConditionModel.from_pretrained(tiny_base / "unet").eval()
     restored = UNet2DConditionModel.from_pretrained(tiny_base / "unet").eval()
-    peft_adapters.inject_peft(restored, config)
-    modules = {"unet": restored}
-    ckpt.restore_adapter(modules, result.adapter_state, ckpt.adapter_ranks(modules))
+    backend = backend_class(config.adapter_type)(config)
+    backend.inject({"unet": restored})
+    backend.restore(result.adapter_state, backend.ranks())
     with warnings.catch_warnings():
         # peft warns (and loads nothing for them) when adapter keys are missing or unexpected
         warnings.filterwarnings("error", message=".*(missing|unexpected) adapter keys")
@@ -99,7 +98,7 @@ def _loaded_three_ways(tiny_base, config: TrainConfig, result) -> tuple[torch.Te
 
 def test_bad_adapter_type_is_refused():
     with pytest.raises(ValueError, match="adapter_type.*'lokr'"):
-        TrainConfig(adapter_type="lokr")
+        TrainConfig.from_dict({"adapter_type": "lokr"})
 
 
 @pytest.mark.parametrize(
@@ -115,15 +114,18 @@ def test_bad_adapter_type_is_refused():
 )  # fmt: skip
 def test_bad_peft_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
-        TrainConfig(**overrides)
+        TrainConfig.from_dict(overrides)
 
 
 def test_peft_config_mapping():
-    dora = peft_adapters.peft_config(TrainConfig(adapter_type="dora", init_rank=16, lora_alpha=32.0))
+    dora_config = TrainConfig.from_dict({"adapter_type": "dora", "init_rank": 16, "lora_alpha": 32.0})
+    dora = backend_class("dora").peft_config(dora_config)
     assert dora.use_dora and dora.r == 16 and dora.lora_alpha == 32.0
     assert set(dora.target_modules) == {"to_q", "to_k", "to_v", "to_out.0"}
-    config = TrainConfig(adapter_type="adalora", init_rank=32, target_rank=16, max_train_steps=300)
-    adalora = peft_adapters.peft_config(config)
+    config = TrainConfig.from_dict(
+        {"adapter_type": "adalora", "init_rank": 32, "target_rank": 16, "max_train_steps": 300}
+    )
+    adalora = backend_class("adalora").peft_config(config)
     assert (adalora.init_r, adalora.target_r, adalora.lora_alpha, adalora.total_step) == (32, 16, 32, 300)
     assert (adalora.tinit, adalora.tfinal, adalora.deltaT, adalora.orth_reg_weight) == (30, 60, 10, 0.5)
 

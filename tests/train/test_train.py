@@ -16,8 +16,9 @@ from train_helpers import fast_config, train_with_sigterm_at_step
 
 from lora2.cli import main
 from lora2.train import checkpoint as ckpt
-from lora2.train import loop
-from lora2.train.loop import TrainingDiverged, train
+from lora2.train import recipe
+from lora2.train.recipe import TrainingDiverged, train
+from lora2.train.run_folder import RunFolder
 
 # --------------------------------------------------------------------------- smoke run through the CLI
 
@@ -95,7 +96,9 @@ def test_smoke_run_writes_every_output(smoke_run):
         assert {"loss", "mse", "prior", "regularization", "entropy", "lr", "total_rank", "adapter_params"} <= set(
             record
         )
-        assert record["prior"] > 0 and record["entropy"] > 0 and len(record["ranks"]) == 32
+        assert record["prior"] > 0 and record["entropy"] > 0
+    steps, history = RunFolder(out).rank_history()  # ranks logged at step 0 and on change, filled in between
+    assert steps == [0, 1, 2] and all(len(ranks) == 32 for ranks in history)
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model: ") and "- lora2" in card and "instance_prompt: a sks dog" in card
     assert Image.open(out / "rank_heatmap.png").size[0] > 0
@@ -175,16 +178,16 @@ def _resume_config(tiny_base, instance_dir, out, **overrides):
 @pytest.fixture(scope="module")
 def straight_run(tiny_base, instance_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
-    original = loop.install_entropy_processors
+    original = recipe.install_entropy_processors
 
     def forbidden(*args, **kwargs):
         raise AssertionError("entropy processors must not be installed when entropy_weight = 0")
 
-    loop.install_entropy_processors = forbidden
+    recipe.install_entropy_processors = forbidden
     try:
         return train(_resume_config(tiny_base, instance_dir, out))
     finally:
-        loop.install_entropy_processors = original
+        recipe.install_entropy_processors = original
 
 
 def test_sigterm_checkpoint_and_resume_equal_uninterrupted(
@@ -222,14 +225,14 @@ PINNED_LOSSES = [1.1963099241256714, 1.097264051437378, 1.097541332244873, 1.030
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_base, instance_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_loss = loop.diffusion_loss
+    real_loss = recipe.diffusion_loss
 
     def nan_at_third_step(*args, **kwargs):
         calls["n"] += 1
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(loop, "diffusion_loss", nan_at_third_step)
+    monkeypatch.setattr(recipe, "diffusion_loss", nan_at_third_step)
     out = tmp_path / "run"
     config = fast_config(tiny_base, instance_dir, out, max_train_steps=4, checkpointing_steps=1, rank_mode="fixed")
     with pytest.raises(TrainingDiverged, match="step 3"):
@@ -242,31 +245,38 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_base, instance_dir, t
 # --------------------------------------------------------------------------- refusals and bad input
 
 
-def test_refuses_an_output_folder_holding_a_run(tiny_base, instance_dir, tmp_path):
+def test_refuses_a_folder_lora2_did_not_write_before_touching_it(tiny_base, instance_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "log.jsonl").write_text("{}\n")
+    (out / "my_favourite_lora.safetensors").write_bytes(b"mine")
+    (out / "samples").mkdir()
+    (out / "samples" / "my_photo.txt").write_text("keep")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for extra in ([], ["--overwrite"], ["--resume", "latest"]):
+        argv = ["train", "--base", str(tiny_base), "--instance-data-dir", str(instance_dir), "--output-dir", str(out)]
+        assert main([*argv, "--class-name", "dog", *extra]) == 2
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before, extra
+
+
+def test_overwrite_removes_only_what_lora2_wrote(smoke_run, tiny_base, instance_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
     (out / "mine.txt").write_text("keep")
     with pytest.raises(ValueError, match="already holds a run"):
         train(fast_config(tiny_base, instance_dir, out))
-    assert (
-        main(
-            [
-                "train",
-                "--base",
-                str(tiny_base),
-                "--instance-data-dir",
-                str(instance_dir),
-                "--output-dir",
-                str(out),
-                "--class-name",
-                "dog",
-            ]
-        )
-        == 2
-    )
-    loop._prepare_output_dir(True, out)
-    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    RunFolder(out).prepare_new(overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [".lora2-run.json", "class_images", "mine.txt"]
+
+
+def test_resume_latest_without_checkpoint_keeps_a_finished_run(smoke_run, tiny_base, instance_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
+    for path in ckpt.list_checkpoints(out):
+        shutil.rmtree(path)
+    adapter = (out / "pytorch_lora_weights.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="no checkpoint to resume"):
+        train(fast_config(tiny_base, instance_dir, out, resume="latest"))
+    assert (out / "pytorch_lora_weights.safetensors").read_bytes() == adapter
 
 
 @pytest.mark.parametrize("fault", ["empty", "corrupt", "no_class"])

@@ -20,7 +20,7 @@ def _free_port() -> int:
 def _worker(rank: int, port: int, base: str, instance: str, out: str, result_dir: str) -> None:
     import os
 
-    from lora2.train.loop import train
+    from lora2.train.recipe import train
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lora2.train import loop
+from lora2.train import recipe
 from lora2.train.config import TrainConfig
 
 
@@ -40,7 +40,7 @@ def fast_config(base: Path, instance: Path, output_dir: Path, **overrides) -> Tr
         "device": "cpu",
         **overrides,
     }
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(values)
 
 
 def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
@@ -87,7 +87,7 @@ def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
 def train_with_sigterm_at_step(config: TrainConfig, monkeypatch, step: int = 2):
     """``train(config)`` with a SIGTERM arriving during training step ``step`` (the run checkpoints and stops)."""
     calls = {"n": 0}
-    real_loss = loop.diffusion_loss
+    real_loss = recipe.diffusion_loss
 
     def loss_then_sigterm(*args, **kwargs):
         calls["n"] += 1
@@ -95,8 +95,8 @@ def train_with_sigterm_at_step(config: TrainConfig, monkeypatch, step: int = 2):
             os.kill(os.getpid(), signal.SIGTERM)
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "diffusion_loss", loss_then_sigterm)
+    monkeypatch.setattr(recipe, "diffusion_loss", loss_then_sigterm)
     try:
-        return loop.train(config)
+        return recipe.train(config)
     finally:
-        monkeypatch.setattr(loop, "diffusion_loss", real_loss)
+        monkeypatch.setattr(recipe, "diffusion_loss", real_loss)

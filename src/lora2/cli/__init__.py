@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         logging.getLogger("lora2").error("%s", error)
         return 2
+    except OSError as error:  # disk full, permissions: one line, not a traceback
+        logging.getLogger("lora2").error("%s", error)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,17 +8,27 @@ import logging
 logger = logging.getLogger("lora2")
 
 
+# exit codes of `lora2 train` (README): 0 done, 2 bad input (cli.main), 3 diverged, 128 + signal when interrupted
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
+
+
 def _train(args: argparse.Namespace) -> int:
     from lora2.train.config import config_from_args
-    from lora2.train.loop import TrainingDiverged, train
+    from lora2.train.recipe import TrainingDiverged, train
 
     config = config_from_args(args)
     try:
         result = train(config)
     except TrainingDiverged as error:
         logger.error("%s", error)
-        return 3
-    logger.info("%s at step %d: %s", result.status, result.step, result.output_dir)
+        return EXIT_DIVERGED
+    if result.status == "interrupted":
+        logger.warning("interrupted at step %d; continue with --resume latest: %s", result.step, result.output_dir)
+        return EXIT_INTERRUPTED.get(result.signal_name, 143)
+    logger.info("finished at step %d; outputs in %s:", result.step, result.output_dir)
+    for key, path in result.files.items():
+        logger.info("  %-13s %s", key, path)
     return 0
 
 
@@ -31,7 +41,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from lora2.train.demo import demo
+    from lora2.demo import demo
 
     demo(args.out, max_train_steps=args.steps, overwrite=args.overwrite, subject=args.subject)
     return 0
@@ -39,8 +49,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add the ``train``, ``generate`` and ``demo`` subcommands."""
+    from lora2.demo import DEMO_SUBJECT
     from lora2.train.config import add_config_arguments
-    from lora2.train.demo import DEMO_SUBJECT
 
     train = subparsers.add_parser(
         "train",

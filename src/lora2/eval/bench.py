@@ -36,7 +36,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from lora2.data import load_subject, load_subjects
-from lora2.eval.evaluate import ADAPTER_NAMES, adapter_summary, default_base, resolve_evaluators, world_info
+from lora2.eval.evaluate import adapter_summary, default_base, resolve_evaluators, world_info
+from lora2.train.run_folder import CONFIG_FILE, MAIN_ADAPTER
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ LORA2_ENTROPY_WEIGHT = 1e-4
 # sizes of the peft baselines, comparable to lora2's measured mean rank of about 24 (docs/RESULTS.md)
 DORA_RANK = 32
 ADALORA_RANKS = (32, 16)  # init_r → target_r (mean final rank per layer)
-ADAPTER_FILE = ADAPTER_NAMES[0]
-RUN_CONFIG = "train_config.yaml"
 MAX_ATTEMPTS = 2
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # BenchConfig fields that change results: a bench folder refuses a call that changes them
@@ -401,14 +400,14 @@ class Bench:
         source, target = (self._cell(cell.subject, name, cell.seed) for name in cell.method.depends_on)
         cell.run.mkdir(parents=True, exist_ok=True)
         # the truncated adapter is evaluated like the lora2 run it is sized after (same base, subject, identifier)
-        shutil.copy(target.run / RUN_CONFIG, cell.run / RUN_CONFIG)
+        shutil.copy(target.run / CONFIG_FILE, cell.run / CONFIG_FILE)
         return [
             *self.config.resize_command,
-            str(source.run / ADAPTER_FILE),
+            str(source.run / MAIN_ADAPTER),
             "--ranks-from",
-            str(target.run / ADAPTER_FILE),
+            str(target.run / MAIN_ADAPTER),
             "--output",
-            str(cell.run / ADAPTER_FILE),
+            str(cell.run / MAIN_ADAPTER),
             "--allocation",
             cell.method.train_args["allocation"],
         ]
@@ -420,11 +419,11 @@ class Bench:
         return next(c for c in self.cells if (c.subject, c.method.name, c.seed) == (subject, method, seed))
 
     def _check_adapter(self, cell: Cell) -> str | None:
-        missing = [name for name in (ADAPTER_FILE, RUN_CONFIG) if not (cell.run / name).is_file()]
+        missing = [name for name in (MAIN_ADAPTER, CONFIG_FILE) if not (cell.run / name).is_file()]
         if missing:
             return f"exited 0 but {cell.run} has no {', '.join(missing)} (training interrupted?)"
         try:
-            adapter_summary(cell.run / ADAPTER_FILE)
+            adapter_summary(cell.run / MAIN_ADAPTER)
         except ValueError as error:
             return str(error)
         return None

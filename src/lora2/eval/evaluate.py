@@ -19,19 +19,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from lora2.data import Subject, load_subject
 from lora2.eval.metrics import DEFAULT_CLIP, DEFAULT_DINO, ClipEncoder, DinoEncoder, SubjectScorer
+from lora2.train.run_folder import RunFolder, read_run_config
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("dino", "clip_i", "clip_t")
 GIB = 2**30
-RUN_CONFIG_NAMES = ("config.yaml", "train_config.yaml", "run_config.yaml", "config.json")
-ADAPTER_NAMES = ("pytorch_lora_weights.safetensors", "lora2.safetensors", "adapter_model.safetensors")
 _DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight", ".lora_A.default.weight")
 _UP_SUFFIXES = (".lora_B.weight", ".lora_up.weight", ".lora.up.weight", ".lora_B.default.weight")
 _PREFIXES = ("unet.", "base_model.model.", "lora_unet_", "model.")
@@ -87,32 +85,7 @@ class EvalConfig:
             raise ValueError("give --run DIR, or --lora FILE and --subject DIR (and --base unless the default world)")
 
 
-# ---------------------------------------------------------------------- run folders and adapter files
-def read_run_config(run: str | Path) -> dict:
-    """The training config saved in a run folder (YAML or JSON), as a dict."""
-    run = Path(run)
-    if not run.is_dir():
-        raise ValueError(f"run folder not found: {run}")
-    for name in RUN_CONFIG_NAMES:
-        path = run / name
-        if path.is_file():
-            text = path.read_text(encoding="utf-8")
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-            if isinstance(data, dict):
-                return data
-    raise ValueError(f"run folder {run} has no training config ({', '.join(RUN_CONFIG_NAMES)})")
-
-
-def find_adapter(run: str | Path) -> Path:
-    """The diffusers-format LoRA file of a run: a known file name at the top, else the shallowest one below."""
-    run = Path(run)
-    for name in ADAPTER_NAMES:
-        found = sorted(run.rglob(name), key=lambda p: (len(p.relative_to(run).parts), "checkpoint" in str(p), p))
-        if found:
-            return found[0]
-    raise ValueError(f"run folder {run} has no adapter ({', '.join(ADAPTER_NAMES)}); did training finish?")
-
-
+# ---------------------------------------------------------------------- adapter files
 def _module_name(key: str, suffix: str) -> str:
     name = key[: -len(suffix)]
     for prefix in _PREFIXES:
@@ -203,7 +176,7 @@ class ResolvedEval:
 def resolve(config: EvalConfig) -> ResolvedEval:
     """Fill the config from the run folder and validate every path (no model loading)."""
     run_config = read_run_config(config.run) if config.run else {}
-    lora = Path(config.lora) if config.lora else find_adapter(config.run)
+    lora = Path(config.lora) if config.lora else RunFolder(config.run).find_adapter()
     if not lora.is_file():
         raise ValueError(f"adapter file not found: {lora}")
     adapter_summary(lora)  # fails early on a file without LoRA matrices

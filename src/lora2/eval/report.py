@@ -26,14 +26,12 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from lora2.eval.bench import ADAPTER_FILE, PROTOCOL_KEYS, method_registry  # noqa: E402
-from lora2.eval.evaluate import METRICS, adapter_summary  # noqa: E402
+from lora2.eval.bench import PROTOCOL_KEYS, method_registry
+from lora2.eval.evaluate import METRICS, adapter_summary
+from lora2.train.run_folder import MAIN_ADAPTER
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +102,8 @@ def collect(folder: str | Path) -> list[CellResult]:
             evaluation = json.loads(eval_path.read_text(encoding="utf-8"))
             cell.scores = {metric: evaluation["summary"][metric]["mean"] for metric in METRICS}
             adapter = evaluation.get("adapter")
-        if adapter is None and (run / ADAPTER_FILE).is_file():
-            adapter = adapter_summary(run / ADAPTER_FILE)
+        if adapter is None and (run / MAIN_ADAPTER).is_file():
+            adapter = adapter_summary(run / MAIN_ADAPTER)
         if adapter is not None:
             cell.ranks, cell.size_gb, cell.mean_rank = adapter["ranks"], adapter["size_gb_fp32"], adapter["mean_rank"]
         results.append(cell)
@@ -286,7 +284,8 @@ def _learned(results: list[CellResult]) -> list[CellResult]:
 # ---------------------------------------------------------------------- plots
 def plot_pareto(rows: list[dict], path: Path) -> None:
     """Each metric against adapter size, one point per method (error bars: std over subjects × seeds)."""
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
+    fig = Figure(figsize=(5 * len(METRICS), 4))
+    axes = fig.subplots(1, len(METRICS))
     for ax, metric in zip(axes, METRICS):
         for row in rows:
             if row[metric] is None or row["size_gb"] is None:
@@ -304,7 +303,6 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_rank_heatmap(subject: str, cells: list[CellResult], path: Path) -> None:
@@ -312,7 +310,8 @@ def plot_rank_heatmap(subject: str, cells: list[CellResult], path: Path) -> None
     modules = sorted({m for c in cells for m in c.ranks})
     columns = sorted(cells, key=lambda c: (c.method, c.seed))
     matrix = np.array([[c.ranks.get(m, np.nan) for c in columns] for m in modules], dtype=float)  # (layers, cells)
-    fig, ax = plt.subplots(figsize=(4 + 0.6 * len(columns), min(24.0, 2 + 0.12 * len(modules))))
+    fig = Figure(figsize=(4 + 0.6 * len(columns), min(24.0, 2 + 0.12 * len(modules))))
+    ax = fig.subplots()
     image = ax.imshow(np.log2(matrix), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(len(columns)), [f"{c.method}\nseed {c.seed}" for c in columns], rotation=90, fontsize=7)
     step = max(1, len(modules) // 150)  # SDXL has ~700 attention projections: label at most ~150 rows
@@ -320,7 +319,6 @@ def plot_rank_heatmap(subject: str, cells: list[CellResult], path: Path) -> None
     fig.colorbar(image, ax=ax, label="log2 rank")
     ax.set_title(f"per-layer rank: {subject}")
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def subject_complexity(bench_dirs: list[Path]) -> dict[str, float]:
@@ -382,7 +380,8 @@ def complexity_table(cells: list[CellResult], complexity: dict[str, float]) -> s
 
 def plot_rank_vs_complexity(cells: list[CellResult], complexity: dict[str, float], path: Path) -> None:
     """Total rank of each learned-rank cell against its subject's complexity, one colour per method."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for method in sorted({c.method for c in cells}):
         points = [(complexity[c.subject], sum(c.ranks.values())) for c in cells if c.method == method]
         ax.scatter(*zip(*points), label=method, alpha=0.8)
@@ -392,7 +391,6 @@ def plot_rank_vs_complexity(cells: list[CellResult], complexity: dict[str, float
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def rank_breakdown(cells: list[CellResult]) -> dict[str, dict[str, float]]:
@@ -414,7 +412,8 @@ def rank_breakdown(cells: list[CellResult]) -> dict[str, dict[str, float]]:
 def plot_rank_breakdown(breakdown: dict[str, dict[str, float]], path: Path) -> None:
     """Grouped bars: mean rank by block, and by attention type × projection."""
     attention_keys = [f"{a}.{p}" for a in ATTENTIONS for p in PROJECTIONS]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [1, 2.5]})
+    fig = Figure(figsize=(13, 4))
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 2.5]})
     for ax, keys, title in (
         (axes[0], BLOCKS, "by UNet block"),
         (axes[1], attention_keys, "by attention (1 self, 2 cross)"),
@@ -430,7 +429,6 @@ def plot_rank_breakdown(breakdown: dict[str, dict[str, float]], path: Path) -> N
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------- the report
@@ -469,7 +467,6 @@ def report(*folders: str | Path, out: str | Path | None = None) -> Path:
         subject_table(results, "clip_t"),
         "",
     ]
-    plt.rcParams.update({"figure.max_open_warning": 0})
     plot_pareto(rows, out_dir / "pareto.png")
     sections += ["## Quality against size", "", "![pareto](pareto.png)", ""]
 

@@ -36,7 +36,7 @@ from lora2.export.names import is_flat_clip, resolver, to_file_name, underscore
 from lora2.export.native import to_state_dict as native_state_dict
 from lora2.inject import inject
 from lora2.lora.config import LoRA2Config
-from lora2.lora.layer import LoRA2Layer
+from lora2.lora.layer import LoRA2Layer, unbake_up
 from lora2.lora.model import lora_layers
 from lora2.rank.math import nu_for_rank
 
@@ -307,11 +307,9 @@ def _assign(layer: LoRA2Layer, lora: LoraModule, raw: tuple | None, info: dict) 
         a[:rank] = raw[0].to(a.device, a.dtype)
         b[:, :rank] = raw[1].to(b.device, b.dtype)
         return
-    lam = layer.importance().double() * layer.scaling  # (D,)
-    shape = (1, -1) + (1,) * (b.dim() - 2)
-    up = lora.up.double() * lora.scale / lam.cpu().view(shape)  # (d_out, D[, 1, 1])
+    lam = layer.scaled_importance().double().cpu()  # (D,)
     a[:rank] = lora.down.to(a.device, a.dtype)
-    b[:, :rank] = up.to(b.device, b.dtype)
+    b[:, :rank] = unbake_up(lora.up.double() * lora.scale, lam).to(b.device, b.dtype)  # (d_out, D[, 1, 1])
 
 
 def load_lora(model: Models, path: str | Path, strict: bool = True) -> dict:

@@ -16,7 +16,7 @@ import torch
 
 from lora2.export.adapter import Adapter, AdapterFile, LoraModule, check_module
 from lora2.lora.config import LoRA2Config
-from lora2.rank.math import importance
+from lora2.lora.layer import bake_up, scaled_importance
 
 SUFFIXES = (".lora_A", ".lora_B", ".log_nu")
 
@@ -54,13 +54,7 @@ def from_state_dict(path: Path, tensors: dict[str, torch.Tensor], header: dict[s
             raise ValueError(f"{where}: {missing} missing")
         a, b, log_nu = parts[".lora_A"], parts[".lora_B"], parts[".log_nu"]
         config = LoRA2Config.from_dict(info["config"])
-        rank = a.shape[0]
-        if config.adaptive:
-            lam = importance(log_nu.double().exp(), rank, config.lambda_scaling)  # (D,)
-        else:
-            lam = torch.ones(rank, dtype=torch.float64)  # (D,)
-        lam = lam * config.scaling
-        up = b.double() * lam.view((1, -1) + (1,) * (b.dim() - 2))  # (d_out, D[, 1, 1])
+        up = bake_up(b.double(), scaled_importance(log_nu.double(), a.shape[0], config))  # (d_out, D[, 1, 1])
         module = LoraModule(a, up.float())
         check_module(module, where)
         adapter.setdefault(component, {})[name] = module

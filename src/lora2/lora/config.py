@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from lora2.rank.math import SCALINGS, nu_target
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+_LEGACY_KEYS = ("entropy_weight",)
 
 
 @dataclass
@@ -27,7 +28,6 @@ class LoRA2Config:
     target_rank: r_target of the rank regularization (ν_target = −ln(1−q)/r_target).
     rank_reg_weight: λ_r, weight of Σ_ℓ |ν_ℓ − ν_target|.
     weight_reg_weight: weight of the Gaussian prior Σθ²/2 on the active LoRA weights.
-    entropy_weight: λ_e, weight of the cross-attention entropy term (0 = off, no attention maps computed).
     rank_pattern: per-module initial (or fixed) rank, keyed like peft: a regex matched against the end of the
         module name.
     lora_dropout: dropout on the adapter input.
@@ -45,7 +45,6 @@ class LoRA2Config:
     target_rank: float = 64.0
     rank_reg_weight: float = 1e-4
     weight_reg_weight: float = 0.0
-    entropy_weight: float = 0.0
     rank_pattern: dict[str, int] = field(default_factory=dict)
     lora_dropout: float = 0.0
     exclude_modules: list[str] = field(default_factory=list)
@@ -68,7 +67,7 @@ class LoRA2Config:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size!r}")
         if not self.target_rank > 0:
             raise ValueError(f"target_rank must be > 0, got {self.target_rank!r}")
-        for key in ("rank_reg_weight", "weight_reg_weight", "entropy_weight"):
+        for key in ("rank_reg_weight", "weight_reg_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -102,6 +101,9 @@ class LoRA2Config:
 
     @classmethod
     def from_dict(cls, data: dict) -> LoRA2Config:
+        """Build from a mapping of field names (as ``to_dict`` writes it, e.g. in a file's lora2 header)."""
+        # entropy_weight (λ_e) is a term of the trainer's loss (TrainConfig); headers written before it moved hold it
+        data = {key: value for key, value in data.items() if key not in _LEGACY_KEYS}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -24,6 +24,26 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def scaled_importance(log_nu: torch.Tensor, rank: int, config: LoRA2Config) -> torch.Tensor:
+    """s·λ_1..λ_D: the diagonal of s·Λ (LoRA² Λ under ``config.lambda_scaling``; ones for fixed-rank LoRA). (D,)"""
+    if not config.adaptive:
+        return torch.full((rank,), config.scaling, device=log_nu.device, dtype=log_nu.dtype)
+    return importance(log_nu.exp(), rank, config.lambda_scaling) * config.scaling  # (D,)
+
+
+def bake_up(lora_b: torch.Tensor, scaled_lambda: torch.Tensor) -> torch.Tensor:
+    """up = s · B Λ over the active positions: the plain-LoRA ``up`` of ΔW = up @ A (scale 1).
+
+    ``lora_b``: (d_out, D[, 1, 1]); ``scaled_lambda``: (D,). The inverse is ``unbake_up``.
+    """
+    return lora_b * scaled_lambda.view((1, -1) + (1,) * (lora_b.dim() - 2))  # (d_out, D[, 1, 1])
+
+
+def unbake_up(up: torch.Tensor, scaled_lambda: torch.Tensor) -> torch.Tensor:
+    """B = up / (s·Λ): the LoRA² ``B`` whose ``bake_up`` is ``up`` (exact up to one rounding)."""
+    return up / scaled_lambda.view((1, -1) + (1,) * (up.dim() - 2))  # (d_out, D[, 1, 1])
+
+
 class LoRA2Layer(nn.Module):
     """Wraps a frozen ``nn.Linear`` or ``nn.Conv2d`` and adds the adaptive-rank update ΔW = s · B Λ A."""
 
@@ -52,8 +72,9 @@ class LoRA2Layer(nn.Module):
         log_nu = math.log(nu_for_rank(rank, config.quantile))
         self.log_nu = nn.Parameter(torch.tensor(log_nu, device=weight.device), requires_grad=self.adaptive)
         # s·λ over the whole storage, set for all layers at once by the model-level pre-forward hook that
-        # inject() installs; valid while ν is unchanged (its version) and D is too. Otherwise the layer computes
-        # its own. Kept after the forward so that gradient checkpointing recomputes with the same tensors.
+        # inject() installs (cache_importance); valid while ν is unchanged (its version) and D is too. Otherwise the
+        # layer computes its own. Kept after the forward so that gradient checkpointing recomputes with the same
+        # tensors. Only this class writes it.
         self.storage_lambda: torch.Tensor | None = None
         self.storage_lambda_version = -1
         self._layouts: dict = {}
@@ -113,6 +134,15 @@ class LoRA2Layer(nn.Module):
             return torch.ones(self.r, device=self.lora_A.device)
         return importance(self.nu, self.r, self.config.lambda_scaling)  # (D,)
 
+    def cache_importance(self, storage_lambda: torch.Tensor) -> None:
+        """Keep s·λ over the whole storage computed for all layers at once (valid until ν or D changes)."""
+        self.storage_lambda = storage_lambda
+        self.storage_lambda_version = self.log_nu._version
+
+    def forget_importance(self) -> None:
+        """Drop the cached s·λ (ν moved: fused optimizers update it without bumping its version)."""
+        self.storage_lambda = None
+
     def target_rank_from_nu(self) -> int:
         """The effective rank D that ν currently implies (the fixed rank for fixed-rank LoRA)."""
         if not self.adaptive:
@@ -130,7 +160,7 @@ class LoRA2Layer(nn.Module):
         if not 1 <= rank <= self.config.max_rank:
             raise ValueError(f"module {self.name!r}: rank must lie in [1, {self.config.max_rank}], got {rank}")
         old_rank, self.r = self.r, rank
-        self.storage_lambda = None
+        self.forget_importance()
         needed = self._capacity_for(rank)
         replaced = {}
         if needed > self.capacity or needed <= self.capacity - 2 * self.config.chunk_size:
@@ -141,6 +171,27 @@ class LoRA2Layer(nn.Module):
             self.lora_A[grown.start : grown.stop] = self._new_a_rows(len(grown), self.lora_A.device, generator)
             self.lora_B[:, grown.start : grown.stop] = 0.0
         return replaced, grown
+
+    @torch.no_grad()
+    def load_storage(
+        self, lora_a: torch.Tensor, lora_b: torch.Tensor, log_nu: torch.Tensor, rank: int
+    ) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+        """Take a saved storage as it is (checkpoint resume): A, B at their saved capacity, log ν copied in place
+        (optimizers keep tracking that parameter), D set. Returns the replaced parameters (name → (old, new))."""
+        if not 1 <= rank <= lora_a.shape[0]:
+            raise ValueError(f"module {self.name!r}: rank {rank} does not fit the saved storage {tuple(lora_a.shape)}")
+        if lora_a.shape != self._a_shape(lora_a.shape[0]) or lora_b.shape != self._b_shape(lora_a.shape[0]):
+            raise ValueError(
+                f"module {self.name!r}: saved lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)} do not fit "
+                f"{type(self.base_layer).__name__} {tuple(self.base_layer.weight.shape)}"
+            )
+        old_a, old_b = self.lora_A, self.lora_B
+        self.lora_A = nn.Parameter(lora_a.to(old_a.device, old_a.dtype).clone(), requires_grad=old_a.requires_grad)
+        self.lora_B = nn.Parameter(lora_b.to(old_b.device, old_b.dtype).clone(), requires_grad=old_b.requires_grad)
+        self.log_nu.copy_(log_nu.to(self.log_nu.device))
+        self.r = rank
+        self.forget_importance()
+        return {"lora_A": (old_a, self.lora_A), "lora_B": (old_b, self.lora_B)}
 
     def _reallocate(self, capacity: int) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
         keep = min(capacity, self.capacity)
@@ -154,9 +205,13 @@ class LoRA2Layer(nn.Module):
         return {"lora_A": (old_a, self.lora_A), "lora_B": (old_b, self.lora_B)}
 
     # ------------------------------------------------------------------ weights
+    def scaled_importance(self) -> torch.Tensor:
+        """s·λ_1..λ_D (D,)."""
+        return scaled_importance(self.log_nu, self.r, self.config)
+
     def _scaled_a(self) -> torch.Tensor:
         """s · Λ A over the active positions (D rows)."""
-        lam = self.importance() * self.scaling  # (D,)
+        lam = self.scaled_importance()  # (D,)
         return self.lora_A[: self.r] * lam.view((-1,) + (1,) * (self.lora_A.dim() - 1))  # (D, d_in[, kh, kw])
 
     def active_b(self) -> torch.Tensor:
@@ -186,9 +241,7 @@ class LoRA2Layer(nn.Module):
     def export_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(down, up) = (A, s · B Λ) truncated to D: a plain LoRA pair with scale 1 that gives the same ΔW."""
         with torch.no_grad():
-            lam = self.importance() * self.scaling  # (D,)
-            shape = (1, -1) + (1,) * (self.lora_B.dim() - 2)
-            up = self.active_b() * lam.view(shape)  # (d_out, D[, 1, 1])
+            up = bake_up(self.active_b(), self.scaled_importance())  # (d_out, D[, 1, 1])
             return self.lora_A[: self.r].detach().clone(), up.detach().clone()
 
     @torch.no_grad()

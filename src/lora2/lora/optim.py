@@ -1,59 +1,54 @@
-"""Keeps optimizers in step with LoRA² layers whose ranks change, with no call the user must remember.
+"""Keeps an optimizer in step with LoRA² layers whose ranks change: ``sync_ranks``, called after each step.
 
-After every ``optimizer.step()`` of any torch optimizer (a global post-step hook that ``inject`` installs once),
-the ranks of the LoRA² layers that this optimizer trains are recomputed from ν. When a layer re-allocates its
-storage, the optimizer's references and per-parameter state are moved to the new tensors: state tensors shaped
-like the parameter keep the values of surviving positions; new positions start with zero state.
+ν moves with every optimizer step; ``lora2.sync_ranks(optimizer, model)`` then recomputes each layer's rank D from ν
+(one device→host sync for all layers). Like peft AdaLoRA's ``update_and_allocate``, it is an explicit call after
+``optimizer.step()``: nothing global is installed, and the recipe in ``lora2.train`` calls it visibly. When a layer
+re-allocates its storage, the optimizer's references and per-parameter state are moved to the new tensors: state
+tensors shaped like the parameter keep the values of surviving positions; new positions start with zero state.
 """
 
 from __future__ import annotations
 
 import logging
-import weakref
+from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lora2.lora.layer import LoRA2Layer
-from lora2.lora.model import update_ranks
+from lora2.lora.model import adapters_of, layers_of, update_ranks
 
 logger = logging.getLogger(__name__)
 
-# id(log_nu parameter) → layer, for every live LoRA² layer
-_LAYERS_BY_NU: weakref.WeakValueDictionary[int, LoRA2Layer] = weakref.WeakValueDictionary()
-_HOOK_HANDLE = None
+Target = nn.Module | dict[str, nn.Module] | Iterable[LoRA2Layer]
 
 
-def register_layers(layers: list[LoRA2Layer]) -> None:
-    """Make the layers known to the post-step hook and install the hook once per process."""
-    global _HOOK_HANDLE
+def _layers(target: Target) -> list[LoRA2Layer]:
+    if isinstance(target, nn.Module):
+        return layers_of(target)
+    if isinstance(target, dict):
+        return [layer for module in target.values() for layer in layers_of(module)]
+    return list(target)
+
+
+def _mark_synced(target: Target) -> None:
+    modules = [target] if isinstance(target, nn.Module) else list(target.values()) if isinstance(target, dict) else []
+    for module in modules:
+        adapters = adapters_of(module)
+        if adapters is not None:
+            adapters.mark_synced()
+
+
+def sync_ranks(optimizer: torch.optim.Optimizer | None, target: Target) -> int:
+    """Recompute ranks from ν and carry the optimizer along; call after every ``optimizer.step()``.
+
+    ``target``: an injected model, a dict of them (component → model), or LoRA² layers. ``optimizer`` may be None
+    (ranks only). Returns how many ranks changed.
+    """
+    layers = _layers(target)
+    _mark_synced(target)
     for layer in layers:
-        _LAYERS_BY_NU[id(layer.log_nu)] = layer
-    if _HOOK_HANDLE is None:
-        _HOOK_HANDLE = register_optimizer_step_post_hook(_after_step)
-
-
-def _layers_of(optimizer: torch.optim.Optimizer) -> list[LoRA2Layer]:
-    layers = []
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            layer = _LAYERS_BY_NU.get(id(param))
-            if layer is not None and layer.log_nu is param:
-                layers.append(layer)
-    return layers
-
-
-def _after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    layers = _layers_of(optimizer)
-    if layers:
-        sync_ranks(optimizer, layers)
-
-
-def sync_ranks(optimizer: torch.optim.Optimizer | None, layers: list[LoRA2Layer]) -> int:
-    """Recompute ranks of ``layers`` from ν and carry the optimizer along. Returns how many ranks changed."""
-    for layer in layers:
-        layer.storage_lambda = None  # ν moved: Λ stored by the forward hook is stale (fused optimizers keep _version)
+        layer.forget_importance()  # ν moved: Λ cached by the forward hook is stale
     changed = update_ranks(layers)
     if optimizer is not None and changed:
         # one map parameter → (list, index) for all re-allocations: a scan per parameter is O(L²) at SDXL size
@@ -61,13 +56,24 @@ def sync_ranks(optimizer: torch.optim.Optimizer | None, layers: list[LoRA2Layer]
             id(p): (group["params"], i) for group in optimizer.param_groups for i, p in enumerate(group["params"])
         }
         for layer, replaced, grown in changed:
-            for old, new in replaced.values():
-                _rebind(optimizer, old, new, where)
+            rebind_parameters(optimizer, replaced, where)
             if grown:
                 _zero_state_positions(optimizer, layer, grown)
     if changed:
         logger.debug("ranks changed in %d layers", len(changed))
     return len(changed)
+
+
+def rebind_parameters(
+    optimizer: torch.optim.Optimizer, replaced: dict[str, tuple[nn.Parameter, nn.Parameter]], where: dict | None = None
+) -> None:
+    """Point the optimizer at re-allocated parameters (name → (old, new)), moving their state along."""
+    if where is None:
+        where = {
+            id(p): (group["params"], i) for group in optimizer.param_groups for i, p in enumerate(group["params"])
+        }
+    for old, new in replaced.values():
+        _rebind(optimizer, old, new, where)
 
 
 def _resize_like(state: torch.Tensor, new: nn.Parameter) -> torch.Tensor:

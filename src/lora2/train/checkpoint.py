@@ -6,17 +6,20 @@ A checkpoint is a folder ``checkpoint-<step>`` holding
   current capacity, ``log_nu``), so resumed layers get the very same storage, stale positions included; for the
   peft baselines (DoRA, AdaLoRA) every adapter parameter, ``<prefix>.<peft parameter name>``;
 - ``optimizer.safetensors`` + ``state.json``: optimizer tensors and, in JSON, param groups, non-tensor optimizer
-  state, LR-scheduler and grad-scaler state, ranks, step and data position, the training config;
+  state, LR-scheduler and grad-scaler state, ranks, step and data position, the training config, and the size and
+  SHA-256 of every file of the checkpoint (checked before a resume);
 - ``rng.safetensors``: the torch RNG states of every process (global CPU, CUDA, and the trainer's generator).
 
 The folder is written as ``checkpoint-<step>.tmp`` and renamed into place only when complete (``os.replace``), and
-older checkpoints are deleted only after that, so a crash mid-write never destroys the previous checkpoint.
+older checkpoints are deleted only after that, so a crash mid-write never destroys the previous checkpoint; a
+checkpoint damaged later (a truncated file) fails its check and ``--resume latest`` takes the one before it.
 Resuming re-allocates each layer to the saved capacity *before* ``optimizer.load_state_dict`` (the optimizer is
 built over the restored parameters), so per-parameter state lines up with the parameters.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,114 +28,76 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from lora2.lora.model import lora_layers
-from lora2.train.peft_adapters import adapter_parameters, has_peft_adapter, peft_ranks
+from lora2.train.atomic import fsync_dir
+from lora2.train.run_folder import CHECKPOINT_PREFIX
 
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+STATE_FILE = "state.json"
+ADAPTER_FILE = "adapter.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
 
 
-def _fsync_dir(path: Path) -> None:
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and ``os.replace``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.save_file`` through a temporary file and ``os.replace``."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+class CheckpointError(ValueError):
+    """A checkpoint folder is incomplete or damaged (its files do not match the sizes and checksums recorded)."""
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary folders of interrupted writes are ignored)."""
+    """Checkpoints of a run that were written to the end, oldest first (``.tmp`` folders of interrupted writes are
+    not checkpoints; the files are checked only when one is loaded)."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / "state.json").is_file()]
+    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
+
+
+def _file_digest(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 23):
+            digest.update(chunk)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """The checkpoint's state.json, after checking every file against the size and checksum it records
+    (``CheckpointError`` naming the file otherwise)."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path / STATE_FILE}: unreadable ({error})") from error
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path / STATE_FILE}: not a lora2 checkpoint state")
+    for name, expected in state.get("files", {}).items():
+        file = path / name
+        if not file.is_file() or _file_digest(file) != expected:
+            raise CheckpointError(f"{file}: missing or damaged (size or checksum differs from {STATE_FILE})")
+    return state
 
 
 def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
-    """The checkpoint folder named by ``--resume``: "latest" (None when the run has none yet, as in diffusers'
-    scripts: training starts afresh) or a path (``ValueError`` when it is not a complete checkpoint)."""
-    if resume == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise ValueError(f"--resume {resume}: not a complete checkpoint folder (no state.json)")
-    return path
-
-
-# ---------------------------------------------------------------------- adapter storage
-def adapter_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """Full storage of every LoRA² layer, keyed ``<prefix>.<module>.<lora_A|lora_B|log_nu>`` (peft adapters: every
-    adapter parameter, ``<prefix>.<parameter name>``)."""
-    tensors = {}
-    for prefix, module in modules.items():
-        if has_peft_adapter(module):
-            tensors.update({f"{prefix}.{key}": value.detach() for key, value in adapter_parameters(module).items()})
-        for name, layer in lora_layers(module):
-            for key in ("lora_A", "lora_B", "log_nu"):
-                tensors[f"{prefix}.{name}.{key}"] = getattr(layer, key).detach()
-    return tensors
-
-
-def adapter_ranks(modules: dict[str, nn.Module]) -> dict[str, int]:
-    """Current rank of every layer keyed ``<prefix>.<module>`` (peft adapters: ``peft_adapters.peft_ranks``)."""
-    ranks = {}
-    for prefix, module in modules.items():
-        found = peft_ranks(module) if has_peft_adapter(module) else {n: layer.r for n, layer in lora_layers(module)}
-        ranks.update({f"{prefix}.{name}": rank for name, rank in found.items()})
-    return ranks
-
-
-@torch.no_grad()
-def restore_adapter(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor], ranks: dict[str, int]) -> None:
-    """Re-allocate every layer to its saved capacity and copy its storage, ν and rank back.
-
-    ``log_nu`` is copied in place (the optimizer hook tracks that parameter object); ``lora_A``/``lora_B`` are new
-    parameters of the saved shapes. ``ValueError`` names any missing or unexpected layer.
-    """
-    expected = set(adapter_ranks(modules))
-    if set(ranks) != expected:
-        missing, extra = sorted(expected - set(ranks)), sorted(set(ranks) - expected)
-        raise ValueError(f"checkpoint does not match the adapted modules: missing {missing[:5]}, extra {extra[:5]}")
-    for prefix, module in modules.items():
-        if has_peft_adapter(module):  # fixed shapes: copied in place, the optimizer's parameters stay
-            for key, param in adapter_parameters(module).items():
-                if f"{prefix}.{key}" not in tensors:
-                    raise ValueError(f"checkpoint has no tensor {prefix}.{key} (saved with another adapter type?)")
-                param.copy_(tensors[f"{prefix}.{key}"].to(param.device, param.dtype))
-        for name, layer in lora_layers(module):
-            key = f"{prefix}.{name}"
-            for attr in ("lora_A", "lora_B"):
-                old = getattr(layer, attr)
-                value = tensors[f"{key}.{attr}"].to(old.device, old.dtype)
-                setattr(layer, attr, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
-            layer.log_nu.copy_(tensors[f"{key}.log_nu"].to(layer.log_nu.device))
-            layer.r = int(ranks[key])
+    """The checkpoint folder named by ``--resume``: "latest" is the newest checkpoint that passes its integrity check
+    (damaged ones are skipped with a warning naming them; None when there is none), a path must pass it."""
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise CheckpointError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE})")
+        verify_checkpoint(path)
+        return path
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as error:
+            logger.warning("skipping checkpoint %s: %s", path.name, error)
+            continue
+        return path
+    return None
 
 
 # ---------------------------------------------------------------------- optimizer state
@@ -161,39 +126,32 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
-    modules: dict[str, nn.Module],
+    adapter_state: dict[str, torch.Tensor],
+    training: dict,
     optimizer: torch.optim.Optimizer,
-    lr_scheduler,
-    scaler,
     rng_states: dict[str, torch.Tensor],
-    trainer_state: dict,
     total_limit: int | None,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically, then prune the oldest beyond ``total_limit``. Returns its path."""
+    """Write ``checkpoint-<step>`` atomically, then prune the oldest beyond ``total_limit``. Returns its path.
+
+    ``training`` is the JSON part: ranks, LR-scheduler and grad-scaler state, config, process count, …. On an error
+    while writing (disk full) the temporary folder is removed and the earlier checkpoints stay as they were.
+    """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous().cpu() for k, v in adapter_tensors(modules).items()}, str(tmp / "adapter.safetensors"))
-    opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
-    save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
-    save_file({k: v.contiguous().cpu() for k, v in rng_states.items()}, str(tmp / "rng.safetensors"))
-    state = {
-        **trainer_state,
-        "step": step,
-        "ranks": adapter_ranks(modules),
-        "optimizer": opt_meta,
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "grad_scaler": scaler.state_dict() if scaler is not None else {},
-    }
-    # state.json is written last: a folder without it is never taken for a checkpoint
-    (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    for path in tmp.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(tmp)
+    try:
+        _write_checkpoint(tmp, adapter_state, training, optimizer, rng_states, step)
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(output_dir)
+        raise OSError(
+            f"cannot write checkpoint {final} ({error}); the earlier checkpoints are intact"
+            + (f" (last: {kept[-1].name})" if kept else "")
+        ) from error
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         old = output_dir / f"checkpoint-{step}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -202,7 +160,7 @@ def save_checkpoint(
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    _fsync_dir(output_dir)
+    fsync_dir(output_dir)
     if total_limit is not None:
         for stale in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(stale)
@@ -211,14 +169,35 @@ def save_checkpoint(
     return final
 
 
+def _write_checkpoint(tmp: Path, adapter_state, training: dict, optimizer, rng_states, step: int) -> None:
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
+    for name, tensors in ((ADAPTER_FILE, adapter_state), (OPTIMIZER_FILE, opt_tensors), (RNG_FILE, rng_states)):
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+    files = {}
+    for name in (ADAPTER_FILE, OPTIMIZER_FILE, RNG_FILE):
+        with open(tmp / name, "rb") as handle:
+            os.fsync(handle.fileno())
+        files[name] = _file_digest(tmp / name)
+    state = {**training, "step": step, "optimizer": opt_meta, "files": files}
+    # state.json is written last: a folder without it is never taken for a checkpoint
+    with open(tmp / STATE_FILE, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(state, indent=1))
+        handle.flush()
+        os.fsync(handle.fileno())
+    fsync_dir(tmp)
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(state.json content, adapter tensors, rng tensors) of a checkpoint folder."""
+    """(state.json content, adapter tensors, rng tensors) of a checkpoint folder that passes its integrity check."""
     path = Path(path)
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    return state, load_file(str(path / "adapter.safetensors")), load_file(str(path / "rng.safetensors"))
+    state = verify_checkpoint(path)
+    return state, load_file(str(path / ADAPTER_FILE)), load_file(str(path / RNG_FILE))
 
 
 def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load the optimizer's state (call after ``restore_adapter`` and after building the optimizer over it)."""
-    tensors = load_file(str(Path(path) / "optimizer.safetensors"))
+    """Load the optimizer's state (call after the adapter is restored and the optimizer built over it)."""
+    tensors = load_file(str(Path(path) / OPTIMIZER_FILE))
     optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))

@@ -1,8 +1,14 @@
-"""Training configuration: one flat dataclass, read from YAML and overridden by command-line flags.
+"""Training configuration: ``TrainConfig`` (trainer settings) holding a ``LoRA2Config`` (adapter settings).
 
-Every field is also a flag of ``lora2 train`` (``max_train_steps`` → ``--max-train-steps``; the underscore
-spelling of diffusers' scripts is accepted too). The LoRA² fields (``target_modules`` … ``entropy_weight``) are
-those of :class:`lora2.LoRA2Config`; ``rank_mode`` picks adaptive LoRA² or fixed-rank LoRA through the same code.
+Users see one flat set of option names: every trainer field and every ``LoRA2Config`` field (``init_rank``,
+``target_rank``, ``lambda_scaling``, …) is a key of the YAML file and a flag of ``lora2 train`` (``max_train_steps`` →
+``--max-train-steps``; the underscore spelling of diffusers' scripts is accepted too). ``rank_mode`` (adaptive /
+fixed) is the flat name of ``LoRA2Config.adaptive``. Each adapter field is defined once, in ``LoRA2Config``: its
+default, its validation and its help text (the field's line in the class docstring) come from there.
+
+Values from YAML and from flags go through one parser (``parse_value``): ``1e-4`` written without a dot (a string
+to PyYAML) is a float, ``'false'`` is False, ``'3'`` is 3; anything else of the wrong type is a ``ValueError`` naming
+the option and the value. Ranges are checked in ``__post_init__`` (``TrainConfig``) and ``LoRA2Config``.
 """
 
 from __future__ import annotations
@@ -10,16 +16,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
-from lora2.lora.config import DEFAULT_TARGETS, LoRA2Config
-
-_LORA2_DEFAULTS = LoRA2Config()
+from lora2.export.keys import FORMATS
+from lora2.lora.config import LoRA2Config
+from lora2.rank.math import SCALINGS
+from lora2.train.adapters import ADAPTER_TYPES, backend_class
 
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 DEFAULT_SAMPLE_PROMPTS = (
@@ -28,63 +38,85 @@ DEFAULT_SAMPLE_PROMPTS = (
     "{instance} in the snow",
     "a painting of {instance}",
 )
-ADAPTER_TYPES = ("lora2", "dora", "adalora")
-_CHOICES = {
+MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OPTIMIZERS = ("adamw", "adam", "adamw8bit", "adam8bit")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MODEL_TYPES = ("auto", "sdxl", "sd15")
+REPORTERS = ("tensorboard", "none")
+SMALL_IMAGES = ("upscale", "error")
+RANK_MODES = ("adaptive", "fixed")
+CHOICES = {
     "adapter_type": ADAPTER_TYPES,
-    "model_type": ("auto", "sdxl", "sd15"),
-    "rank_mode": ("adaptive", "fixed"),
-    "lambda_scaling": ("first", "sum", "none"),
-    "optimizer": ("adamw", "adam", "adamw8bit", "adam8bit"),
-    "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
-    "mixed_precision": ("no", "fp16", "bf16"),
-    "small_images": ("upscale", "error"),
-    "report_to": ("tensorboard", "none"),
+    "model_type": MODEL_TYPES,
+    "rank_mode": RANK_MODES,
+    "lambda_scaling": SCALINGS,
+    "optimizer": OPTIMIZERS,
+    "lr_scheduler": LR_SCHEDULERS,
+    "mixed_precision": tuple(MIXED_PRECISION),
+    "small_images": SMALL_IMAGES,
+    "report_to": REPORTERS,
+    "export_formats": FORMATS,
 }
-_HELP = {
-    "base": "base pipeline: hub id or local folder (default: the built-in world model when ready)",
-    "instance_data_dir": "folder of subject images, or a DreamBooth subject folder",
-    "instance_prompt": "training prompt with the identifier (default 'a <identifier> <class_name>')",
-    "rank_mode": "adaptive = LoRA² (learned ranks), fixed = plain LoRA of rank --init-rank",
-    "adapter_type": "lora2 (LoRA² / fixed-rank LoRA), or the peft baselines dora / adalora (UNet only)",
-    "adalora_tinit": "AdaLoRA: fraction of the steps trained at init_rank before pruning starts (peft tinit)",
-    "adalora_tfinal": "AdaLoRA: fraction of the steps trained at the final ranks (peft tfinal)",
-    "adalora_delta_t": "AdaLoRA: steps between two budget allocations (peft deltaT)",
-    "orth_reg_weight": "AdaLoRA: weight of the orthogonal regularization of P and Q",
-    "nu_lr": "learning rate of the log ν parameters (their own param group)",
-    "resume": "'latest' or a checkpoint folder",
-    "small_images": "images smaller than the resolution: upscale with a warning, or raise an error",
+# lower bounds of numeric trainer fields (inclusive); learning rates and a few more must be strictly positive
+_AT_LEAST = {
+    "max_train_steps": 1,
+    "train_batch_size": 1,
+    "gradient_accumulation_steps": 1,
+    "checkpointing_steps": 1,
+    "checkpoints_total_limit": 1,
+    "sample_steps": 1,
+    "class_generation_steps": 1,
+    "rank_check_steps": 1,
+    "num_class_images": 1,
+    "num_validation_images": 1,
+    "lr_num_cycles": 1,
+    "adalora_delta_t": 1,
+    "lr_warmup_steps": 0,
+    "validation_steps": 0,
+    "seed": 0,
+    "max_grad_norm": 0.0,
+    "noise_offset": 0.0,
+    "prior_loss_weight": 0.0,
+    "entropy_weight": 0.0,
+    "adam_weight_decay": 0.0,
+    "guidance_scale": 0.0,
+    "orth_reg_weight": 0.0,
+    "lr_power": 0.0,
 }
+_POSITIVE = ("learning_rate", "nu_lr", "text_encoder_lr", "adam_epsilon", "snr_gamma")
+_FRACTIONS = ("adam_beta1", "adam_beta2", "adalora_tinit", "adalora_tfinal")  # in [0, 1)
+# flat option names of the LoRA2Config fields (``adaptive`` is spelled ``rank_mode``)
+LORA_KEYS = tuple(f.name for f in dataclasses.fields(LoRA2Config) if f.name != "adaptive")
 
 
 @dataclass
 class TrainConfig:
-    """All settings of one DreamBooth LoRA² run (see ``lora2 train --help`` for the flags).
+    """All settings of one DreamBooth run (``lora2 train --help`` lists them with these descriptions).
 
-    Paths and model: base, revision, variant, model_type, output_dir, overwrite, resume.
-    Data: instance_data_dir, instance_prompt, identifier, class_name, class_prompt, with_prior_preservation,
-        class_data_dir, num_class_images, prior_loss_weight, class_generation_steps, resolution, center_crop,
-        random_flip, cache_latents, small_images.
-    Adapter (LoRA2Config): rank_mode, target_modules, init_rank, max_rank, quantile, lambda_scaling, lora_alpha,
-        chunk_size, target_rank, rank_reg_weight, weight_reg_weight, entropy_weight, rank_pattern, lora_dropout,
-        exclude_modules; train_text_encoder, text_encoder_target_modules, text_encoder_lr.
-    Adapter type: ``adapter_type`` "lora2" (the fields above), or a peft baseline on the UNet, built from the same
-        fields where their meaning fits (see ``lora2.train.peft_adapters``):
-        "dora": ``LoraConfig(use_dora=True, r=init_rank, lora_alpha=lora_alpha or init_rank (s = 1),
-        target_modules, exclude_modules, lora_dropout, rank_pattern)``;
-        "adalora": ``AdaLoraConfig(init_r=init_rank, target_r=target_rank (mean final rank per layer),
-        lora_alpha=lora_alpha or init_rank (α/r = 1), total_step=max_train_steps, tinit=round(adalora_tinit ·
-        max_train_steps), tfinal=round(adalora_tfinal · max_train_steps), deltaT=adalora_delta_t,
-        orth_reg_weight, target_modules, exclude_modules, lora_dropout)``.
-        Both train with learning_rate; rank_mode, max_rank, quantile, lambda_scaling, chunk_size, rank_reg_weight,
-        weight_reg_weight and nu_lr are unused; the entropy term applies when entropy_weight > 0.
-        train_text_encoder is lora2 only; resume is lora2 and dora only (AdaLoRA's importance statistics are not
-        checkpointed).
-    Optimisation: max_train_steps, train_batch_size, gradient_accumulation_steps, learning_rate, nu_lr, optimizer,
-        adam_beta1/2, adam_epsilon, adam_weight_decay, lr_scheduler, lr_warmup_steps, lr_num_cycles, lr_power,
-        max_grad_norm, mixed_precision, gradient_checkpointing, snr_gamma, noise_offset, seed, device.
-    Operations: checkpointing_steps, checkpoints_total_limit, validation_steps, validation_prompt,
-        num_validation_images, sample_prompts, sample_steps, guidance_scale, rank_check_steps, report_to,
-        export_formats.
+    base: base pipeline, hub id or local folder (default: the built-in world model).
+    model_type: auto (detected), sdxl (SDXL, KOALA) or sd15.
+    output_dir: the run folder (lora2.train.run_folder describes it).
+    overwrite: replace the run in output_dir (only files lora2 wrote there are removed).
+    resume: 'latest' or a checkpoint folder.
+    instance_data_dir: folder of subject images, or a DreamBooth subject folder (class read from
+        prompts_and_classes.txt beside it).
+    instance_prompt: training prompt with the identifier (default 'a <identifier> <class_name>').
+    class_data_dir: prior-preservation images (default: generated into <output_dir>/class_images).
+    resolution: training image side (default: the base model's native size, 1024 for SDXL).
+    small_images: images smaller than the resolution: upscale with a warning, or error.
+    adapter_type: lora2 (LoRA² / fixed-rank LoRA), or the peft baselines dora / adalora (UNet only).
+    lora: the adapter (LoRA2Config); its fields are options of their own (init_rank, target_rank, ...) and
+        rank_mode (adaptive = LoRA², fixed = plain LoRA of rank init_rank).
+    entropy_weight: λ_e, weight of the identifier's cross-attention entropy (0 = off, no attention maps computed).
+    adalora_tinit: AdaLoRA: fraction of the steps trained at init_rank before pruning starts (peft tinit).
+    adalora_tfinal: AdaLoRA: fraction of the steps trained at the final ranks (peft tfinal).
+    adalora_delta_t: AdaLoRA: steps between two budget allocations (peft deltaT).
+    orth_reg_weight: AdaLoRA: weight of the orthogonal regularization of P and Q.
+    nu_lr: learning rate of the log ν parameters (their own param group).
+    text_encoder_lr: learning rate of the text-encoder adapters (default: learning_rate).
+    snr_gamma: min-SNR-γ loss weighting (Hang et al. 2023); none = plain MSE.
+    rank_check_steps: steps between checks that every process holds the same ranks (multi-GPU).
+    export_formats: adapter files written at the end (diffusers, kohya, peft, lora2).
     """
 
     # paths and model
@@ -111,24 +143,10 @@ class TrainConfig:
     random_flip: bool = False
     cache_latents: bool = True
     small_images: str = "upscale"
-    # adapter (LoRA2Config, or the peft baselines)
+    # adapter: LoRA² (or the peft baselines, built from the same fields where their meaning fits)
     adapter_type: str = "lora2"
-    rank_mode: str = "adaptive"
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    # adapter defaults are LoRA2Config's, so the library and the trainer cannot drift apart
-    init_rank: int = _LORA2_DEFAULTS.init_rank
-    max_rank: int = _LORA2_DEFAULTS.max_rank
-    quantile: float = _LORA2_DEFAULTS.quantile
-    lambda_scaling: str = _LORA2_DEFAULTS.lambda_scaling
-    lora_alpha: float | None = _LORA2_DEFAULTS.lora_alpha
-    chunk_size: int = _LORA2_DEFAULTS.chunk_size
-    target_rank: float = _LORA2_DEFAULTS.target_rank
-    rank_reg_weight: float = _LORA2_DEFAULTS.rank_reg_weight
-    weight_reg_weight: float = _LORA2_DEFAULTS.weight_reg_weight
-    entropy_weight: float = _LORA2_DEFAULTS.entropy_weight
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    lora_dropout: float = 0.0
-    exclude_modules: list[str] = field(default_factory=list)
+    lora: LoRA2Config = field(default_factory=LoRA2Config)
+    entropy_weight: float = 0.0
     train_text_encoder: bool = False
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
     text_encoder_lr: float | None = None
@@ -172,170 +190,271 @@ class TrainConfig:
     export_formats: list[str] = field(default_factory=lambda: ["diffusers", "kohya"])
 
     def __post_init__(self) -> None:
-        for key, choices in _CHOICES.items():
-            if getattr(self, key) not in choices:
-                raise ValueError(f"{key} must be one of {choices}, got {getattr(self, key)!r}")
-        positive = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps")
-        for key in positive + ("checkpointing_steps", "sample_steps", "class_generation_steps", "rank_check_steps"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)!r}")
-        for key in ("learning_rate", "nu_lr"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        for key, choices in CHOICES.items():
+            if key in LORA_KEYS or key == "rank_mode":
+                continue
+            values = getattr(self, key)
+            for value in values if isinstance(values, list) else [values]:
+                if value not in choices:
+                    raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+        for key, minimum in _AT_LEAST.items():
+            value = getattr(self, key)
+            if value is not None and not value >= minimum:
+                raise ValueError(f"{key} must be >= {minimum}, got {value!r}")
+        for key in _POSITIVE:
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ValueError(f"{key} must be > 0, got {value!r}")
+        for key in _FRACTIONS:
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"{key} must lie in [0, 1), got {getattr(self, key)!r}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ValueError(f"resolution must be a multiple of 8 (VAE downsampling), got {self.resolution}")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise ValueError(f"checkpoints_total_limit must be >= 1 or None, got {self.checkpoints_total_limit}")
         if not self.identifier.strip():
             raise ValueError("identifier must be a non-empty token such as 'sks'")
-        for fmt in self.export_formats:
-            if fmt not in ("diffusers", "kohya", "peft", "lora2"):
-                raise ValueError(f"export_formats entries must be diffusers, kohya, peft or lora2, got {fmt!r}")
-        self.lora_config()  # validates the LoRA² fields
-        if self.adapter_type != "lora2":
-            self._check_peft_adapter()
-
-    def _check_peft_adapter(self) -> None:
-        """Validate the DoRA / AdaLoRA settings (by building the peft config: peft's own checks run too)."""
-        from lora2.train.peft_adapters import adalora_schedule, peft_config
-
-        if self.train_text_encoder:
-            raise ValueError(f"train_text_encoder needs adapter_type 'lora2', got adapter_type {self.adapter_type!r}")
-        if self.adapter_type == "adalora":
-            if self.rank_pattern:
-                raise ValueError(f"rank_pattern is not supported with adapter_type 'adalora', got {self.rank_pattern}")
-            if self.target_rank != int(self.target_rank) or not 1 <= self.target_rank <= self.init_rank:
-                raise ValueError(
-                    f"adapter_type 'adalora' needs an integer target_rank in [1, init_rank={self.init_rank}] "
-                    f"(the mean final rank), got {self.target_rank!r}"
-                )
-            for key in ("adalora_tinit", "adalora_tfinal"):
-                if not 0.0 <= getattr(self, key) < 1.0:
-                    raise ValueError(
-                        f"{key} must lie in [0, 1) (a fraction of max_train_steps), got {getattr(self, key)!r}"
-                    )
-            tinit, tfinal = adalora_schedule(self)
-            if tinit >= self.max_train_steps - tfinal:
-                raise ValueError(
-                    f"AdaLoRA schedule leaves no pruning phase: tinit {tinit} >= max_train_steps "
-                    f"{self.max_train_steps} - tfinal {tfinal}; lower adalora_tinit / adalora_tfinal"
-                )
-            if self.adalora_delta_t < 1:
-                raise ValueError(f"adalora_delta_t must be >= 1, got {self.adalora_delta_t!r}")
-            if self.orth_reg_weight < 0:
-                raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
-        peft_config(self)
+        if not isinstance(self.lora, LoRA2Config):
+            raise ValueError(f"lora must be a LoRA2Config, got {type(self.lora).__name__}")
+        backend_class(self.adapter_type).check_config(self)
 
     # ------------------------------------------------------------------ derived configs
-    def lora_config(self, target_modules: list[str] | None = None) -> LoRA2Config:
-        """The LoRA2Config of the UNet adapter (or of a text encoder, given its ``target_modules``)."""
-        return LoRA2Config(
-            target_modules=list(target_modules or self.target_modules),
-            init_rank=self.init_rank,
-            max_rank=self.max_rank,
-            quantile=self.quantile,
-            adaptive=self.rank_mode == "adaptive",
-            lambda_scaling=self.lambda_scaling,
-            lora_alpha=self.lora_alpha,
-            chunk_size=self.chunk_size,
-            target_rank=self.target_rank,
-            rank_reg_weight=self.rank_reg_weight,
-            weight_reg_weight=self.weight_reg_weight,
-            entropy_weight=self.entropy_weight,
-            rank_pattern=dict(self.rank_pattern) if target_modules is None else {},
-            lora_dropout=self.lora_dropout,
-            exclude_modules=list(self.exclude_modules),
+    @property
+    def rank_mode(self) -> str:
+        return "adaptive" if self.lora.adaptive else "fixed"
+
+    def text_encoder_lora(self) -> LoRA2Config:
+        """The LoRA2Config of the text-encoder adapters: the UNet's, on ``text_encoder_target_modules``."""
+        return dataclasses.replace(
+            self.lora, target_modules=list(self.text_encoder_target_modules), rank_pattern={}, exclude_modules=[]
         )
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return MIXED_PRECISION[self.mixed_precision]
+
+    # ------------------------------------------------------------------ flat views
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Flat mapping of every option name to its value (what train_config.yaml and checkpoints hold)."""
+        flat = {}
+        for f in dataclasses.fields(self):
+            if f.name == "lora":
+                flat["rank_mode"] = self.rank_mode
+                flat.update({key: _copy(getattr(self.lora, key)) for key in LORA_KEYS})
+            else:
+                flat[f.name] = _copy(getattr(self, f.name))
+        return flat
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with some flat options changed (validated again)."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
 
     @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        """Build from a mapping whose keys are field names (dashes allowed); unknown keys are an error."""
-        data = {key.replace("-", "_"): value for key, value in data.items()}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: dict, source: str = "") -> TrainConfig:
+        """Build from flat option names (dashes allowed), parsing each value with ``parse_value``; errors name the
+        option, the value and the ``source`` (a file name, "command line")."""
+        data = {str(key).replace("-", "_"): value for key, value in data.items()}
+        specs = option_specs()
+        unknown = sorted(set(data) - set(specs))
         if unknown:
-            raise ValueError(f"unknown training config keys: {unknown}")
-        return cls(**data)
+            raise ValueError(f"{source or 'config'}: unknown option(s) {unknown}")
+        values = {key: parse_value(specs[key], value, source) for key, value in data.items()}
+        lora = {key: values.pop(key) for key in LORA_KEYS if key in values}
+        if "rank_mode" in values:
+            lora["adaptive"] = values.pop("rank_mode") == "adaptive"
+        try:
+            return cls(**values, lora=LoRA2Config(**lora))
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}" if source else str(error)) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        """Read a YAML file holding a mapping of field names to values."""
+        """Read a YAML file holding a mapping of option names to values (``ValueError`` naming the file)."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from error
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping of option names to values")
-        return cls.from_dict(data)
+        return cls.from_dict(data, source=str(path))
 
     def save_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
 
 
-# ---------------------------------------------------------------------- command-line flags
-def _base_type(annotation: str) -> tuple[type, bool, bool]:
-    """(scalar type, is_list, is_dict) of a field annotation written as a string (``from __future__``)."""
-    hint = eval(annotation, {"list": list, "dict": dict, "str": str, "int": int, "float": float, "bool": bool})  # noqa: S307 - our own annotations
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
-    inner = args[0]
-    origin = typing.get_origin(inner)
-    if origin is list:
-        return typing.get_args(inner)[0], True, False
-    if origin is dict:
-        return str, False, True
-    return inner, False, False
+def _copy(value):
+    return list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+# ---------------------------------------------------------------------- options: types, parsing, help
+@dataclass(frozen=True)
+class OptionSpec:
+    """One flat option: its scalar type, container, whether None is allowed, choices, default and help."""
+
+    name: str
+    kind: type
+    container: str  # "scalar", "list", "list_or_regex" (a list, or one string = a regex, as peft), "dict"
+    optional: bool
+    choices: tuple | None
+    default: object
+    help: str
 
 
-def _parse_optional(kind: type):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null") else kind(text)
-
-    return parse
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per TrainConfig field; flags not given are absent from the namespace, so YAML values stay."""
-    for f in dataclasses.fields(TrainConfig):
-        kind, is_list, is_dict = _base_type(f.type)
-        flags = [f"--{f.name.replace('_', '-')}"]
-        if "_" in f.name:
-            flags.append(f"--{f.name}")
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text = f"{_HELP.get(f.name, '')} (default: {default})".strip()
-        options = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        if f.name in _CHOICES:
-            options["choices"] = _CHOICES[f.name]
-        if kind is bool:
-            # --flag, --flag true/false, --no-flag
-            parser.add_argument(*flags, nargs="?", const=True, type=_parse_bool, **options)
-            parser.add_argument(
-                f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false", default=argparse.SUPPRESS
-            )
-        elif is_list:
-            parser.add_argument(*flags, nargs="+", type=kind, **options)
-        elif is_dict:
-            parser.add_argument(*flags, type=json.loads, **{**options, "help": "JSON mapping"})
+def _docstring_help(cls: type) -> dict[str, str]:
+    """``name: text`` entries of a class docstring (continuation lines indented deeper), as one line each."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in (cls.__doc__ or "").splitlines():
+        match = re.match(r"^    (\w+): (.*)$", line)
+        if match:
+            current = match.group(1)
+            entries[current] = match.group(2).strip()
+        elif current and line.startswith("        ") and line.strip():
+            entries[current] += " " + line.strip()
         else:
-            # choices are plain strings: "none" is a value of --report-to, not None
-            parser.add_argument(*flags, type=str if f.name in _CHOICES else _parse_optional(kind), **options)
+            current = None
+    return entries
+
+
+def _spec(name: str, hint, default, help_text: str) -> OptionSpec:
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    optional = type(None) in args
+    args = [a for a in args if a is not type(None)]
+    container, kind = "scalar", args[0]
+    if typing.get_origin(args[0]) is list:
+        container, kind = ("list_or_regex" if str in args[1:] else "list"), typing.get_args(args[0])[0]
+    elif typing.get_origin(args[0]) is dict:
+        container, kind = "dict", typing.get_args(args[0])[1]
+    return OptionSpec(name, kind, container, optional, CHOICES.get(name), default, help_text)
+
+
+def option_specs() -> dict[str, OptionSpec]:
+    """Every flat option, in the order a run's YAML file lists them."""
+    specs = {}
+    train_hints, lora_hints = typing.get_type_hints(TrainConfig), typing.get_type_hints(LoRA2Config)
+    train_help, lora_help = _docstring_help(TrainConfig), _docstring_help(LoRA2Config)
+    lora_defaults = LoRA2Config()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "lora":
+            specs["rank_mode"] = OptionSpec(
+                "rank_mode", str, "scalar", False, RANK_MODES, "adaptive", train_help["lora"]
+            )
+            for key in LORA_KEYS:
+                specs[key] = _spec(key, lora_hints[key], getattr(lora_defaults, key), lora_help.get(key, ""))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        specs[f.name] = _spec(f.name, train_hints[f.name], default, train_help.get(f.name, ""))
+    return specs
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _scalar(spec: OptionSpec, value, source: str):
+    where = f"{source}: {spec.name}" if source else spec.name
+    if spec.kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(f"{where} must be true or false, got {value!r}")
+    if spec.kind is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where} must be a string, got {value!r} (quote it in YAML)")
+    if isinstance(value, bool):
+        raise ValueError(f"{where} must be a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value) if spec.kind is float else int(value)
+        except ValueError as error:
+            raise ValueError(
+                f"{where} must be {'a number' if spec.kind is float else 'an integer'}, got {value!r}"
+            ) from error
+    if spec.kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return value
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def parse_value(spec: OptionSpec, value, source: str = ""):
+    """One option's value from YAML or a flag, converted to its type (``ValueError`` naming option and value)."""
+    value = _parse_container(spec, value, source)
+    if spec.choices is not None:
+        for item in value if isinstance(value, list) else [value]:
+            if item not in spec.choices:
+                raise ValueError(
+                    f"{source + ': ' if source else ''}{spec.name} must be one of {spec.choices}, got {item!r}"
+                )
+    return value
+
+
+def _parse_container(spec: OptionSpec, value, source: str):
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and spec.optional):
+        if spec.optional:
+            return None
+        raise ValueError(f"{source + ': ' if source else ''}{spec.name} must be given a value, got null")
+    if spec.container == "dict":
+        if not isinstance(value, dict):
+            raise ValueError(f'{source}: {spec.name} must be a mapping such as {{"to_q": 4}}, got {value!r}')
+        return {str(key): _scalar(spec, item, source) for key, item in value.items()}
+    if spec.container == "scalar":
+        return _scalar(spec, value, source)
+    if isinstance(value, str):
+        # one string: a regex over module names (peft's target_modules rule), else a list of one entry
+        return value if spec.container == "list_or_regex" else [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{source + ': ' if source else ''}{spec.name} must be a list, got {value!r}")
+    return [_scalar(spec, item, source) for item in value]
+
+
+# ---------------------------------------------------------------------- command-line flags
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per option; flags not given are absent from the namespace, so YAML values stay."""
+    for spec in option_specs().values():
+        flags = [f"--{spec.name.replace('_', '-')}"]
+        if "_" in spec.name:
+            flags.append(f"--{spec.name}")
+        options = {
+            "dest": spec.name,
+            "default": argparse.SUPPRESS,
+            "help": f"{spec.help} (default: {spec.default})".strip(),
+            "metavar": spec.name.upper() if spec.choices is None else None,
+        }
+        if spec.choices is not None:
+            options["choices"] = spec.choices
+        if spec.kind is bool:
+            # --flag, --flag true/false, --no-flag
+            parser.add_argument(*flags, nargs="?", const="true", **options)
+            parser.add_argument(
+                f"--no-{spec.name.replace('_', '-')}", dest=spec.name, action="store_const", const="false",
+                default=argparse.SUPPRESS,
+            )  # fmt: skip
+        elif spec.container in ("list", "list_or_regex"):
+            parser.add_argument(*flags, nargs="+", **options)
+        elif spec.container == "dict":
+            parser.add_argument(*flags, type=_json_mapping, **{**options, "help": f"JSON mapping; {options['help']}"})
+        else:
+            parser.add_argument(*flags, **options)
+
+
+def _json_mapping(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"expected a JSON mapping such as '{{\"to_q\": 4}}', got {text!r}") from error
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """YAML file (``args.config``, optional) overridden by every flag that was given."""
+    """YAML file (``args.config``, optional) overridden by every flag that was given; one parser for both."""
     base = TrainConfig.from_yaml(args.config).to_dict() if getattr(args, "config", None) else {}
-    for f in dataclasses.fields(TrainConfig):
-        if hasattr(args, f.name):
-            base[f.name] = getattr(args, f.name)
-    return TrainConfig.from_dict(base)
+    specs = option_specs()
+    given = {key: parse_value(specs[key], getattr(args, key), "command line") for key in specs if hasattr(args, key)}
+    return TrainConfig.from_dict({**base, **given}, source="command line")

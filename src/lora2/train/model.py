@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,19 +44,39 @@ def world_path(key: str) -> Path | None:
 
 
 def resolve_base(base: str) -> str:
-    """The base model to use: the given hub id / path, else the built-in world model once it is ready."""
-    if base:
-        return base
-    path = world_path("base_model")
-    if path is None:
-        raise ValueError("no --base given and the built-in world base model is not built; pass --base PATH_OR_ID")
-    return str(path)
+    """The base model to use: the given hub id / folder (checked), else the built-in world model once it is ready.
+
+    A folder must hold a diffusers pipeline (``model_index.json``); a name that looks like a path (absolute, ``./``,
+    ``~``, or more than one ``/``) must exist; anything else is taken for a hub id.
+    """
+    if not base:
+        path = world_path("base_model")
+        if path is None:
+            raise ValueError("no --base given and the built-in world base model is not built; pass --base PATH_OR_ID")
+        return str(path)
+    path = Path(base).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"base model folder {base} has no model_index.json (not a diffusers pipeline folder)")
+        return str(path)
+    if base.startswith(("/", ".", "~")) or base.count("/") > 1:
+        raise ValueError(f"base model folder not found: {base}")
+    return base
+
+
+def _load_error(base: str, error: Exception) -> ValueError:
+    offline = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(f"cannot load base model {base!r}{offline}: {first}")
 
 
 def native_resolution(base: str, revision: str | None = None) -> int:
     """The base model's native image side: UNet sample size × VAE downsampling (1024 for SDXL, 64 for the world)."""
-    unet = UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision)
-    vae = AutoencoderKL.load_config(base, subfolder="vae", revision=revision)
+    try:
+        unet = UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision)
+        vae = AutoencoderKL.load_config(base, subfolder="vae", revision=revision)
+    except (OSError, ValueError) as error:
+        raise _load_error(base, error) from error
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
@@ -63,9 +84,10 @@ def load_components(
     base: str, revision: str | None = None, variant: str | None = None, kind: str = "auto"
 ) -> Components:
     """Load a pipeline (hub id or local folder) in fp32 and pick out its parts; ``kind`` "auto" detects it."""
-    if Path(base).exists() and not (Path(base) / "model_index.json").is_file():
-        raise ValueError(f"base model folder {base} has no model_index.json (not a diffusers pipeline folder)")
-    pipe = DiffusionPipeline.from_pretrained(base, revision=revision, variant=variant, torch_dtype=torch.float32)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(base, revision=revision, variant=variant, torch_dtype=torch.float32)
+    except OSError as error:
+        raise _load_error(base, error) from error
     detected = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
     if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
         raise ValueError(f"base model {base} ({type(pipe).__name__}) is not a UNet/VAE pipeline (SDXL, KOALA, SD 1.5)")

@@ -1,106 +1,21 @@
-"""Run outputs: the adapter files, the model card, the per-layer rank heatmap and the sample grid."""
+"""Run outputs besides the adapter files (which each adapter backend writes): the model card, the per-layer rank
+heatmap and the sample grid. Figures are drawn with matplotlib's object API (no pyplot, no global backend switch)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib import font_manager
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib import font_manager  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-from torch import nn  # noqa: E402
-
-from lora2.train import peft_adapters  # noqa: E402
-from lora2.train.checkpoint import atomic_save_file, atomic_write_text  # noqa: E402
+from lora2.train.atomic import atomic_write_text, temporary_name
+from lora2.train.run_folder import ADAPTER_FILES
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_FILES = {
-    "diffusers": "pytorch_lora_weights.safetensors",
-    "kohya": "lora_kohya.safetensors",
-    "peft": "peft",
-    "lora2": "lora2_adapter.safetensors",  # unbaked A, B, log ν: exact training state for analysis / resume
-}
-METHOD_LABELS = {"lora2": "LoRA²", "dora": "DoRA", "adalora": "AdaLoRA"}
-
-
-def save_adapter(
-    modules: dict[str, nn.Module], output_dir: Path, formats: Sequence[str], metadata: dict
-) -> dict[str, Path]:
-    """Write the adapter in each format (``lora2.save_lora``: ranks truncated to D, Λ and scale baked in); returns
-    format → path.
-
-    ``modules`` maps a diffusers prefix ("unet", "text_encoder", "text_encoder_2") to the adapted module.
-    Each file (the peft folder) is written under a temporary name and renamed into place, so a crash never leaves
-    half an adapter. A UNet with a peft DoRA / AdaLoRA adapter is written by ``save_peft_adapter``.
-    """
-    from lora2.export import save_lora
-
-    if peft_adapters.has_peft_adapter(modules["unet"]):
-        return save_peft_adapter(modules["unet"], output_dir, formats, metadata)
-    paths = {}
-    for fmt in formats:
-        path = output_dir / ADAPTER_FILES[fmt]
-        tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        save_lora(modules, tmp, format=fmt, metadata=metadata)
-        if path.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        paths[fmt] = path
-        logger.info("wrote %s adapter %s", fmt, path)
-    return paths
-
-
-def save_peft_adapter(unet: nn.Module, output_dir: Path, formats: Sequence[str], metadata: dict) -> dict[str, Path]:
-    """A DoRA / AdaLoRA UNet adapter: always the peft folder (``peft/``: ``adapter_config.json`` +
-    ``adapter_model.safetensors``, for ``PeftModel.from_pretrained``) and the diffusers file (``lora2 eval``,
-    ``pipe.load_lora_weights``), plus the other requested formats that can express it.
-
-    DoRA's diffusers file holds its magnitude vectors (``peft_adapters.dora_diffusers_state_dict``); AdaLoRA is
-    written as the exactly equivalent plain LoRA of its final ranks (``peft_adapters.plain_lora_modules``), which
-    also gives its kohya file. The lora2-native format (LoRA² training state) does not apply and is skipped.
-    """
-    from peft import AdaLoraConfig
-
-    from lora2.export.adapter import LoraModule
-    from lora2.export.formats import write_adapter
-    from lora2.export.metadata import build_header
-    from lora2.export.names import to_file_name
-
-    adapter_type = "adalora" if isinstance(unet.peft_config[peft_adapters.ADAPTER_NAME], AdaLoraConfig) else "dora"
-    folder = output_dir / ADAPTER_FILES["peft"]
-    paths = {"peft": peft_adapters.save_peft_folder(unet, folder, metadata.get("base_model"))}
-    logger.info("wrote %s peft adapter %s", adapter_type, paths["peft"])
-    pairs = peft_adapters.plain_lora_modules(unet) if adapter_type == "adalora" else {}
-    for fmt in dict.fromkeys(["diffusers", *formats]):
-        if fmt == "peft":
-            continue
-        path = output_dir / ADAPTER_FILES[fmt]
-        if fmt == "diffusers" and adapter_type == "dora":
-            atomic_save_file(peft_adapters.dora_diffusers_state_dict(unet), path)
-        elif fmt in ("diffusers", "kohya") and adapter_type == "adalora":
-            modules = {to_file_name(unet, "unet", n): LoraModule(down, up) for n, (down, up) in pairs.items()}
-            infos = {name: {"rank": module.rank} for name, module in modules.items()}
-            header = build_header(fmt, {"unet": {"modules": infos}}, metadata)  # no LoRA2Config: plain LoRA
-            tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-            write_adapter({"unet": modules}, tmp, fmt, header, torch.float32)
-            os.replace(tmp, path)
-        else:
-            logger.warning("%s adapters have no %s format; not written", adapter_type, fmt)
-            continue
-        paths[fmt] = path
-        logger.info("wrote %s adapter %s (%s)", fmt, path, adapter_type)
-    return paths
 
 
 def write_model_card(
@@ -110,13 +25,13 @@ def write_model_card(
     ranks: dict[str, int],
     settings: dict,
     kind: str,
+    backend,
     sample_grid: str | None = None,
-    method: str = "lora2",
 ) -> None:
-    """README.md in the style of diffusers' DreamBooth LoRA cards (YAML front matter + usage); ``method`` is the
-    adapter type ("lora2", or the peft baselines "dora" / "adalora")."""
+    """README.md in the style of diffusers' DreamBooth LoRA cards (YAML front matter + usage); ``backend`` is the
+    run's adapter backend class (its name, label and one-sentence description)."""
     total = sum(ranks.values())
-    label = METHOD_LABELS[method]
+    method, label = backend.name, backend.label
     tags = ["text-to-image", "diffusers", "lora", method, "dreambooth", "template:sd-lora"]
     tags.append("stable-diffusion-xl" if kind == "sdxl" else "stable-diffusion")
     pipeline = "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline"
@@ -131,12 +46,7 @@ def write_model_card(
         "",
         f"# {label} DreamBooth adapter",
         "",
-        f"Adapter for `{base_model}` trained by `lora2 train` with "
-        + (
-            "LoRA² (per-layer ranks learned, arXiv 2603.21884)."
-            if method == "lora2"
-            else f"peft's {label} (the `peft/` folder loads with `PeftModel.from_pretrained`)."
-        ),
+        f"Adapter for `{base_model}` trained by `lora2 train` with {backend.card_description}",
         f"Trigger it with the instance prompt **{instance_prompt}**.",
         "",
         "## Use",
@@ -149,6 +59,11 @@ def write_model_card(
         'pipe.load_lora_weights("path/to/this/folder")',
         f'image = pipe("{instance_prompt}", generator=torch.Generator().manual_seed(0)).images[0]',
         "```",
+        "",
+        "Which file for which tool: diffusers and peft read `" + ADAPTER_FILES["diffusers"] + "` (`peft/` with "
+        "`PeftModel.from_pretrained`); ComfyUI, A1111, Forge, sd-scripts and InvokeAI read `"
+        + ADAPTER_FILES["kohya"]
+        + "`.",
         "",
         "## Ranks",
         "",
@@ -178,7 +93,8 @@ def rank_heatmap(history: list[dict[str, int]], steps: list[int], path: Path) ->
     labels = [name[len(prefix) + 1 :] if prefix else name for name in names]
     matrix = np.array([[ranks[name] for ranks in history] for name in names], dtype=np.float64)  # (L, S)
     height = min(2.0 + 0.12 * len(names), 40.0)
-    fig, ax = plt.subplots(figsize=(10, height))
+    fig = Figure(figsize=(10, height))
+    ax = fig.subplots()
     image = ax.imshow(
         matrix,
         aspect="auto",
@@ -194,10 +110,9 @@ def rank_heatmap(history: list[dict[str, int]], steps: list[int], path: Path) ->
     fig.colorbar(image, ax=ax, label="rank D")
     ax.set_title(f"LoRA² rank per layer{f' ({prefix})' if prefix else ''}")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
+    tmp = temporary_name(path)
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    os.replace(tmp, path)
 
 
 def image_grid(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], path: Path) -> None:
@@ -222,9 +137,9 @@ def image_grid(rows: list[list[Image.Image]], row_labels: list[str], column_labe
         for col, image in enumerate(row):
             tile = image.resize((width, height), Image.Resampling.NEAREST)
             grid.paste(tile, (label_w + col * width, title_h + r * height))
-    tmp = path.with_name(path.stem + ".tmp.png")
+    tmp = temporary_name(path)
     grid.save(tmp)
-    tmp.replace(path)
+    os.replace(tmp, path)
 
 
 def _wrap(text: str, width: int) -> str:

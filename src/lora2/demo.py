@@ -18,8 +18,8 @@ from lora2.data.dreambooth import load_subjects
 from lora2.eval.metrics import ClipEncoder, DinoEncoder, SubjectScorer
 from lora2.train.config import TrainConfig
 from lora2.train.data import list_images
-from lora2.train.loop import train
 from lora2.train.model import native_resolution, world_path
+from lora2.train.recipe import train
 
 logger = logging.getLogger(__name__)
 
