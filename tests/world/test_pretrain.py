@@ -13,8 +13,15 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor, ViTImageProcessor, ViTModel
 
 import lora2.world
-from lora2.world.evaluators import clip_embed_images, clip_embed_texts, dino_embed, nt_xent, random_resized_crop
-from lora2.world.pretrain import SCALES, encode_text, pretrain_world, time_ids, tokenize
+from lora2.world.evaluators import (
+    clip_embed_images,
+    clip_embed_texts,
+    dino_embed,
+    nt_xent,
+    pretrain_world,
+    random_resized_crop,
+)
+from lora2.world.pretrain import SCALES, encode_text, time_ids, tokenize
 
 
 @pytest.fixture(scope="module")

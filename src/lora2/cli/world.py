@@ -39,7 +39,8 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from lora2.world.pretrain import pretrain_base, pretrain_world
+    from lora2.world.evaluators import pretrain_world
+    from lora2.world.pretrain import pretrain_base
 
     if args.init_from:
         options = {"steps": args.steps, "device": args.device, "scale": args.scale, "seed": args.seed}

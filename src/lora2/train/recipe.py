@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora2.train import checkpoint as ckpt
+import lora2.train.checkpoint as ckpt
 from lora2.train.adapters import backend_class
 from lora2.train.batches import TrainingData
 from lora2.train.config import TrainConfig
@@ -437,6 +437,9 @@ class DreamBoothRecipe:
         if not self.processes.main:
             return {}
         config, folder = self.config, self.folder
+        state = self.backend.state()
+        if not all(bool(torch.isfinite(value).all()) for value in state.values()):
+            self._diverged(self.config.max_train_steps, "the adapter weights are not finite")
         self.components.unet.eval()
         metadata = {"training": {k: v for k, v in config.to_dict().items() if k != "resume"}, "base_model": self.base}
         files = dict(self.backend.save(folder, config.export_formats, metadata))

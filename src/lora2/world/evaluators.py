@@ -39,7 +39,15 @@ from transformers import (
 )
 
 from lora2.world import generator
-from lora2.world.pretrain import PretrainScale, _autocast, _budget, _scale, tokenize, world_data
+from lora2.world.pretrain import (
+    PretrainScale,
+    autocast_for,
+    pretrain_base,
+    resolve_scale,
+    time_budget,
+    tokenize,
+    world_data,
+)
 from lora2.world.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -144,7 +152,7 @@ def train_clip(
     Loss: symmetric cross-entropy over the B×B cosine-similarity logits scaled by the learned temperature
     (``CLIPModel(..., return_loss=True)``).
     """
-    cfg = _scale(scale)
+    cfg = resolve_scale(scale)
     steps = steps if steps is not None else cfg.eval_steps
     batch_size = batch_size if batch_size is not None else cfg.eval_batch_size
     seconds = seconds if seconds is not None else cfg.eval_seconds
@@ -165,10 +173,10 @@ def train_clip(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     images = images.to(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    for step, _ in _budget(steps, seconds, "clip"):
+    for step, _ in time_budget(steps, seconds, "clip"):
         idx = torch.randint(len(images), (batch_size,), generator=gen).to(device)
         pixels = normalize(images[idx], CLIP_MEAN, CLIP_STD)  # B×3×H×W
-        with _autocast(device):
+        with autocast_for(device):
             loss = model(input_ids=input_ids[idx], pixel_values=pixels, return_loss=True).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -259,7 +267,7 @@ def train_dino(
     The similarity used downstream is the cosine of ``last_hidden_state[:, 0]`` (the CLS token after the final
     layer norm), as in the DreamBooth DINO metric; the SimCLR projection head used in training is discarded.
     """
-    cfg = _scale(scale)
+    cfg = resolve_scale(scale)
     steps = steps if steps is not None else cfg.eval_steps
     batch_size = batch_size if batch_size is not None else cfg.eval_batch_size
     seconds = seconds if seconds is not None else cfg.eval_seconds
@@ -279,14 +287,14 @@ def train_dino(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     view_a, view_b = view_a.to(device), view_b.to(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    for step, _ in _budget(steps, seconds, "dino"):
+    for step, _ in time_budget(steps, seconds, "dino"):
         idx = torch.randint(len(view_a), (batch_size,), generator=gen).to(device)
         swap = torch.rand(batch_size, generator=gen).to(device) < 0.5  # B, which render is the first view
         a = torch.where(swap[:, None, None, None], view_b[idx], view_a[idx])
         b = torch.where(swap[:, None, None, None], view_a[idx], view_b[idx])
         a = random_resized_crop(normalize(a, IMAGENET_MEAN, IMAGENET_STD), gen)  # B×3×H×W
         b = random_resized_crop(normalize(b, IMAGENET_MEAN, IMAGENET_STD), gen)  # B×3×H×W
-        with _autocast(device):
+        with autocast_for(device):
             cls = model(pixel_values=torch.cat([a, b])).last_hidden_state[:, 0]  # 2B×hidden
             z = head(cls)  # 2B×128
         loss = nt_xent(z[:batch_size], z[batch_size:])
@@ -327,3 +335,24 @@ def clip_embed_texts(model: CLIPModel, processor: CLIPProcessor, texts: list[str
 def _features(out) -> torch.Tensor:
     """transformers 5 returns a model output from ``get_*_features``; 4.x returned the tensor."""
     return (out if isinstance(out, torch.Tensor) else out.pooler_output).float()
+
+
+def pretrain_world(
+    out_dir: Path,
+    scale: str | PretrainScale = "full",
+    device: str | torch.device = "cpu",
+    steps: int | None = None,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Pretrain everything the world ships: the base pipeline, then the CLIP and DINO evaluators.
+
+    Writes ``out_dir/base`` (StableDiffusionXLPipeline), ``out_dir/clip`` (CLIPModel + processor + tokenizer) and
+    ``out_dir/dino`` (ViTModel + image processor). Returns those three paths by name.
+    """
+    out_dir = Path(out_dir)
+    cfg = resolve_scale(scale)
+    data = world_data(cfg.num_images, seed, cfg.image_size, device)
+    paths = {"base": pretrain_base(out_dir / "base", steps=steps, device=device, scale=cfg, seed=seed, data=data)}
+    paths["clip"] = train_clip(out_dir / "clip", device=device, scale=cfg, seed=seed)  # renders all pairs
+    paths["dino"] = train_dino(out_dir / "dino", device=device, scale=cfg, seed=seed)
+    return paths

@@ -152,11 +152,12 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(127.5).sub(1.0)
 
 
-def _autocast(device: torch.device):
+def autocast_for(device: torch.device):
+    """bf16 autocast on a GPU, nothing on the CPU (the world's pretraining precision)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def _budget(steps: int, seconds: float, desc: str):
+def time_budget(steps: int, seconds: float, desc: str):
     """Progress bar over at most ``steps`` steps that stops once ``seconds`` of wall clock have passed.
 
     Yields ``(step, progress)``, progress in [0, 1] being the larger of the step and wall-clock fractions, so that a
@@ -202,11 +203,11 @@ def train_vae(
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     loss = torch.zeros(())
-    for step, progress in _budget(steps, seconds, "vae"):
+    for step, progress in time_budget(steps, seconds, "vae"):
         _set_lr(optimizer, lr * warmup_cosine(step, progress, warmup=100))
         idx = torch.randint(len(images), (batch_size,), generator=gen)
         x = to_unit_range(images[idx.to(images.device)].to(device))  # B×3×H×W
-        with _autocast(device):
+        with autocast_for(device):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample  # B×3×H×W
         recon = recon.float()
@@ -219,7 +220,7 @@ def train_vae(
         if step % 500 == 0:
             logger.info("vae step %d loss %.4f", step, loss.item())
     vae.eval()
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast_for(device):
         x = to_unit_range(images[: min(len(images), 512)].to(device))
         z = vae.encode(x).latent_dist.sample()  # B×C×h×w
         mse = (vae.decode(z).sample.float() - x).square().mean().item()
@@ -236,7 +237,7 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, device: torch.devic
     scale = vae.config.scaling_factor
     for start in range(0, len(images), batch_size):
         x = to_unit_range(images[start : start + batch_size].to(device))
-        with _autocast(device):
+        with autocast_for(device):
             dist = vae.encode(x).latent_dist
         means.append(dist.mean.float() * scale)
         stds.append(dist.std.float() * scale)
@@ -312,7 +313,7 @@ def train_base(
     ema = [p.detach().clone() for p in params]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     recent: list[float] = []
-    for step, progress in _budget(steps, seconds, "base"):
+    for step, progress in time_budget(steps, seconds, "base"):
         _set_lr(optimizer, lr * warmup_cosine(step, progress, warmup))
         idx = torch.randint(len(latent_mean), (batch_size,), generator=gen).to(latent_mean.device)
         x0 = latent_mean[idx] + latent_std[idx] * torch.randn_like(latent_std[idx])  # B×C×h×w
@@ -321,7 +322,7 @@ def train_base(
         t = torch.randint(0, len(alphas_cumprod), (batch_size,), device=device)
         noisy = noise_scheduler.add_noise(x0, noise, t)
         drop = (torch.rand(batch_size, device=device) < caption_dropout).float()  # B
-        with _autocast(device):
+        with autocast_for(device):
             prompt_embeds, pooled = encode_text(pipe, ids_1[idx].to(device), ids_2[idx].to(device))
             prompt_embeds = prompt_embeds * (1.0 - drop)[:, None, None]  # B×L×D, zeros = unconditional
             pooled = pooled * (1.0 - drop)[:, None]  # B×p
@@ -404,7 +405,7 @@ def pretrain_base(
             and text encoders train on with a fresh optimizer, warm-up and schedule, so that a run longer than one
             time budget can be split into several (the saved weights are the EMA of the previous run).
     """
-    cfg = _scale(scale)
+    cfg = resolve_scale(scale)
     cfg = replace(
         cfg,
         base_steps=steps if steps is not None else cfg.base_steps,
@@ -421,23 +422,7 @@ def pretrain_base(
     images, captions = data if data is not None else world_data(cfg.num_images, seed, cfg.image_size, device)
     logger.info("world data: %d images in %.1f s", len(images), time.monotonic() - start)
     images = images.to(device)
-    if init_from is not None:
-        pipe = StableDiffusionXLPipeline.from_pretrained(init_from, torch_dtype=torch.float32)
-        pipe.vae.to(device).eval()
-        logger.info("continuing from %s (VAE kept, scaling_factor %.4f)", init_from, pipe.vae.config.scaling_factor)
-    else:
-        pipe = _initial_pipeline(cfg, seed)
-        train_vae(
-            pipe.vae,
-            images,
-            cfg.vae_steps,
-            cfg.vae_batch_size,
-            device,
-            lr=cfg.vae_lr,
-            kl_weight=cfg.kl_weight,
-            seconds=cfg.vae_seconds,
-            seed=seed,
-        )
+    pipe = _pipeline_with_vae(cfg, images, device, seed, init_from)
     latent_mean, latent_std = encode_latents(pipe.vae, images, device)
     del images
     ids_1 = tokenize(pipe.tokenizer, captions)  # N×L
@@ -465,6 +450,31 @@ def pretrain_base(
     return path
 
 
+def _pipeline_with_vae(
+    cfg: PretrainScale, images: torch.Tensor, device: torch.device, seed: int, init_from: str | Path | None
+) -> StableDiffusionXLPipeline:
+    """The pipeline whose UNet and text encoders pretraining trains: continued from ``init_from`` (VAE kept as it
+    is), or initialised at random with its VAE trained first on ``images``."""
+    if init_from is not None:
+        pipe = StableDiffusionXLPipeline.from_pretrained(init_from, torch_dtype=torch.float32)
+        pipe.vae.to(device).eval()
+        logger.info("continuing from %s (VAE kept, scaling_factor %.4f)", init_from, pipe.vae.config.scaling_factor)
+        return pipe
+    pipe = _initial_pipeline(cfg, seed)
+    train_vae(
+        pipe.vae,
+        images,
+        cfg.vae_steps,
+        cfg.vae_batch_size,
+        device,
+        lr=cfg.vae_lr,
+        kl_weight=cfg.kl_weight,
+        seconds=cfg.vae_seconds,
+        seed=seed,
+    )
+    return pipe
+
+
 def _keep_tokenizers(source: Path, out_dir: Path) -> None:
     """Give a continued base its source's tokenizer files byte for byte: re-saving them through transformers adds
     the defaults of whichever version runs (seen with 5.17), changing files whose vocabulary did not change."""
@@ -487,32 +497,10 @@ def _initial_pipeline(cfg: PretrainScale, seed: int) -> StableDiffusionXLPipelin
         return StableDiffusionXLPipeline.from_pretrained(Path(skeleton) / "init", torch_dtype=torch.float32)
 
 
-def _scale(scale: str | PretrainScale) -> PretrainScale:
+def resolve_scale(scale: str | PretrainScale) -> PretrainScale:
+    """A ``PretrainScale`` given itself or by name in ``SCALES``."""
     if isinstance(scale, PretrainScale):
         return scale
     if scale not in SCALES:
         raise ValueError(f"unknown pretraining scale {scale!r}; choose one of {sorted(SCALES)}")
     return SCALES[scale]
-
-
-def pretrain_world(
-    out_dir: Path,
-    scale: str | PretrainScale = "full",
-    device: str | torch.device = "cpu",
-    steps: int | None = None,
-    seed: int = 0,
-) -> dict[str, Path]:
-    """Pretrain everything the world ships: the base pipeline, then the CLIP and DINO evaluators.
-
-    Writes ``out_dir/base`` (StableDiffusionXLPipeline), ``out_dir/clip`` (CLIPModel + processor + tokenizer) and
-    ``out_dir/dino`` (ViTModel + image processor). Returns those three paths by name.
-    """
-    from lora2.world.evaluators import train_clip, train_dino
-
-    out_dir = Path(out_dir)
-    cfg = _scale(scale)
-    data = world_data(cfg.num_images, seed, cfg.image_size, device)
-    paths = {"base": pretrain_base(out_dir / "base", steps=steps, device=device, scale=cfg, seed=seed, data=data)}
-    paths["clip"] = train_clip(out_dir / "clip", device=device, scale=cfg, seed=seed)  # renders all pairs
-    paths["dino"] = train_dino(out_dir / "dino", device=device, scale=cfg, seed=seed)
-    return paths

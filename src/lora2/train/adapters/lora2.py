@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import lora2
-from lora2.export import save_lora
+from lora2.export.api import save_lora
+from lora2.inject import inject
 from lora2.lora.layer import LoRA2Layer
-from lora2.lora.model import layers_of
+from lora2.lora.model import adapter_parameter_count, layers_of, regularization
+from lora2.lora.optim import sync_ranks
 from lora2.train.adapters.base import AdapterBackend
 from lora2.train.atomic import replacing
 from lora2.train.run_folder import RunFolder
@@ -32,7 +33,7 @@ class LoRA2Backend(AdapterBackend):
     def inject(self, modules: dict[str, nn.Module]) -> None:
         for prefix, module in modules.items():
             config = self.config.lora if prefix == "unet" else self.config.text_encoder_lora()
-            lora2.inject(module, config)
+            inject(module, config)
         self.modules = dict(modules)
 
     def _layers(self) -> Iterator[tuple[str, LoRA2Layer]]:
@@ -55,16 +56,16 @@ class LoRA2Backend(AdapterBackend):
 
     def regularization(self) -> torch.Tensor:
         """λ_r Σ_ℓ |ν_ℓ − ν_target| + λ_w Σθ²/2 over every adapted model (``lora2.regularization``)."""
-        return sum(lora2.regularization(module) for module in self.modules.values())
+        return sum(regularization(module) for module in self.modules.values())
 
     def after_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
-        lora2.sync_ranks(optimizer, self.modules)  # ranks follow ν; re-allocated storage is rebound in optimizer
+        sync_ranks(optimizer, self.modules)  # ranks follow ν; re-allocated storage is rebound in optimizer
 
     def ranks(self) -> dict[str, int]:
         return {key: layer.r for key, layer in self._layers()}
 
     def parameter_count(self) -> int:
-        return sum(lora2.adapter_parameter_count(module) for module in self.modules.values())
+        return sum(adapter_parameter_count(module) for module in self.modules.values())
 
     def state(self) -> dict[str, torch.Tensor]:
         return {
