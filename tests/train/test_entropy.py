@@ -10,7 +10,13 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 import lora2
-from lora2.train.entropy import EntropyAttnProcessor, EntropyCollector, install_entropy_processors, map_entropy
+from lora2.train.entropy import (
+    EntropyAttnProcessor,
+    EntropyCollector,
+    identifier_maps,
+    install_entropy_processors,
+    map_entropy,
+)
 
 
 def test_entropy_of_uniform_is_log_n_and_of_one_hot_is_zero():
@@ -36,7 +42,7 @@ def test_processor_output_equals_default_and_records_entropy():
     processor = EntropyAttnProcessor(collector)
     assert torch.allclose(processor(attn, hidden, text), expected, atol=1e-6)  # inactive: SDPA path
     collector.start(torch.tensor([True, False, True]))
-    assert torch.allclose(processor(attn, hidden, text), expected, atol=1e-6)  # collecting: explicit softmax
+    assert torch.allclose(processor(attn, hidden, text), expected, atol=1e-6)  # collecting: SDPA + one-hot maps
     # reference: softmax over tokens, map of tokens 1 and 2 over the 20 positions, rows 0 and 2
     q = attn.to_q(hidden).view(3, 20, 2, 8).transpose(1, 2)
     k = attn.to_k(text).view(3, 5, 2, 8).transpose(1, 2)
@@ -45,6 +51,21 @@ def test_processor_output_equals_default_and_records_entropy():
     assert collector.loss().item() == pytest.approx(map_entropy(maps).mean().item(), rel=1e-5)
     collector.stop()
     assert not collector.active
+
+
+def test_identifier_maps_and_their_gradients_equal_the_explicit_softmax():
+    torch.manual_seed(1)
+    query = torch.randn(2, 3, 40, 8, dtype=torch.float64, requires_grad=True)  # (B, h, N, d)
+    key = torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True)  # (B, h, T, d)
+    positions = [2, 5]
+    fused = map_entropy(identifier_maps(query, key, positions).transpose(-1, -2)).mean()
+    fused_grads = torch.autograd.grad(fused, (query, key))
+    probs = (query @ key.transpose(-1, -2) / math.sqrt(8)).softmax(-1)  # (B, h, N, T)
+    explicit = map_entropy(probs[..., positions].transpose(-1, -2)).mean()
+    explicit_grads = torch.autograd.grad(explicit, (query, key))
+    assert fused.item() == pytest.approx(explicit.item(), rel=1e-6)
+    for a, b in zip(fused_grads, explicit_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-7)
 
 
 def test_gradient_flows_through_the_entropy():

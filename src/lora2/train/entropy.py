@@ -8,9 +8,9 @@ position), the map of token t over the N spatial positions is m_t(j) = P[j, t] /
 is averaged over the identifier tokens, the heads, the instance samples of the batch and the adapted cross-attention
 layers (``attn2``), and minimised with weight λ_e: a low entropy concentrates the identifier on the subject.
 
-Attention probabilities are only materialised when λ_e > 0: ``install_entropy_processors`` is called only then,
-and its processor falls back to the default SDPA processor whenever no training step is collecting
-(validation, sampling).
+The processors are installed only when λ_e > 0, and fall back to the default SDPA processor whenever no training
+step is collecting (validation, sampling). The maps come from a second fused attention with one-hot values on the
+identifier tokens (``identifier_maps``), so no layer materialises its N × T attention probabilities.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
@@ -67,16 +68,35 @@ class EntropyCollector:
         return torch.stack(self.values).mean()
 
 
-class EntropyAttnProcessor:
-    """Cross-attention processor that records the identifier-token map entropy, otherwise like AttnProcessor.
+def identifier_maps(
+    query: torch.Tensor, key: torch.Tensor, token_positions: Sequence[int], mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention mass of each identifier token at every query position, P[b, h, n, t] for t in ``token_positions``,
+    without materialising P: one fused attention whose values are one-hot on those tokens,
 
-    Computes the same output as diffusers' default processor (explicit softmax instead of SDPA) while collecting;
-    delegates to ``AttnProcessor2_0`` when the collector is inactive.
+        SDPA(q, k, E)[b, h, n, i] = Σ_t softmax_t(q_n·k_t / √d) E[t, i] = P[b, h, n, token_i].
+
+    ``query``: (B, h, N, d), ``key``: (B, h, T, d). Returns (B, h, N, k) in fp32 (the attention runs in fp32).
+    """
+    batch, heads, tokens = key.shape[0], key.shape[1], key.shape[2]
+    onehot = torch.zeros(tokens, len(token_positions), device=key.device, dtype=torch.float32)  # (T, k)
+    onehot[list(token_positions), range(len(token_positions))] = 1.0
+    values = onehot.expand(batch, heads, tokens, len(token_positions))  # (B, h, T, k)
+    with torch.autocast(query.device.type, enabled=False):
+        return F.scaled_dot_product_attention(query.float(), key.float(), values, attn_mask=mask)  # (B, h, N, k)
+
+
+class EntropyAttnProcessor(AttnProcessor2_0):
+    """Cross-attention processor that records the identifier-token map entropy, otherwise diffusers' SDPA processor.
+
+    While collecting, it computes q, k, v once, the output with ``F.scaled_dot_product_attention`` exactly as
+    ``AttnProcessor2_0`` does, and the identifier's maps with ``identifier_maps`` (a second fused attention with
+    k ≤ a few value columns, on the instance rows only): no N × T probability tensor per layer.
     """
 
     def __init__(self, collector: EntropyCollector) -> None:
+        super().__init__()
         self.collector = collector
-        self.fallback = AttnProcessor2_0()
 
     def __call__(
         self,
@@ -88,7 +108,7 @@ class EntropyAttnProcessor:
         **kwargs,
     ) -> torch.Tensor:
         if not self.collector.active or encoder_hidden_states is None:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -97,36 +117,43 @@ class EntropyAttnProcessor:
             batch_size, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)  # (B, N, C)
         batch_size, sequence_length, _ = encoder_hidden_states.shape
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)  # (B, N, inner)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)  # (B, T, inner)
-        value = attn.to_v(encoder_hidden_states)  # (B, T, inner)
-        query = attn.head_to_batch_dim(query)  # (B·h, N, d)
-        key = attn.head_to_batch_dim(key)  # (B·h, T, d)
-        value = attn.head_to_batch_dim(value)  # (B·h, T, d)
-        probs = attn.get_attention_scores(query, key, attention_mask)  # (B·h, N, T)
-        self._record(probs, batch_size, attn.heads)
-        hidden_states = torch.bmm(probs, value)  # (B·h, N, d)
-        hidden_states = attn.batch_to_head_dim(hidden_states)  # (B, N, inner)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
+        heads = attn.heads
+        query, key, value = (
+            projection.view(batch_size, -1, heads, projection.shape[-1] // heads).transpose(1, 2)  # (B, h, L, d)
+            for projection in (
+                attn.to_q(hidden_states),
+                attn.to_k(encoder_hidden_states),
+                attn.to_v(encoder_hidden_states),
+            )
+        )
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        self._record(query, key, attention_mask)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)  # (B, h, N, d)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * value.shape[-1]).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # projection, dropout
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _record(self, probs: torch.Tensor, batch_size: int, heads: int) -> None:
-        rows = self.collector.rows.to(probs.device)  # (B,)
+    def _record(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
+        rows = self.collector.rows.to(query.device)  # (B,)
         if not bool(rows.any()):
             return
-        maps = probs.view(batch_size, heads, probs.shape[1], probs.shape[2])[rows]  # (B', h, N, T)
-        maps = maps[..., self.collector.token_positions].transpose(-1, -2)  # (B', h, k, N)
-        self.collector.values.append(map_entropy(maps.float()).mean())
+        mask = mask[rows] if mask is not None else None
+        maps = identifier_maps(query[rows], key[rows], self.collector.token_positions, mask)  # (B', h, N, k)
+        self.collector.values.append(map_entropy(maps.transpose(-1, -2)).mean())  # H over N, per (b, h, token)
 
 
 def install_entropy_processors(unet: nn.Module, collector: EntropyCollector) -> list[str]:
