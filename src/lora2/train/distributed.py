@@ -2,9 +2,10 @@
 and the RNG states a checkpoint keeps per process.
 
 Ranks change after optimizer steps, so parameters are re-allocated during training and the UNet is not wrapped in
-DDP (its reducer holds fixed parameter lists): the gradients of all trainable parameters are averaged with one
-flattened ``all_reduce`` after the backward, so ν, and thus every rank, stay identical on every process; the rank
-vectors are compared across processes every ``rank_check_steps`` and at the end.
+DDP (its reducer holds fixed parameter lists): ``GradientReducer`` averages the gradients of all trainable parameters
+in buckets whose ``all_reduce`` starts during the backward, as DDP's does, and rebuilds its buckets when the
+parameters change; ν, and thus every rank, stay identical on every process. The rank vectors are compared across
+processes every ``rank_check_steps`` and at the end.
 """
 
 from __future__ import annotations
@@ -59,18 +60,87 @@ def training_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
-    """Average gradients over processes with one flattened all_reduce (a missing gradient counts as zero)."""
-    if world_size == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])  # (Σ numel,)
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for param, grad in zip(params, grads):
-        param.grad = flat[offset : offset + grad.numel()].view_as(param).clone()
-        offset += grad.numel()
+class GradientReducer:
+    """Averages gradients over processes while the backward still runs (overlap), in buckets of ~``bucket_mb``.
+
+    Parameters are grouped into buckets in reverse order (the backward produces the last layers' gradients first).
+    ``arm(params)`` before the backward of the last micro-batch registers a post-accumulate-grad hook on each
+    parameter; when every gradient of a bucket has arrived, the bucket is flattened and its ``all_reduce`` starts
+    asynchronously — buckets start in index order on every process, so the collectives match. ``finish()`` starts
+    the buckets whose gradients never came (a missing gradient counts as zero), waits, and sets each ``.grad`` to its
+    average. Re-allocated parameters (a rank change) are new objects: ``arm`` builds the buckets again when the
+    parameter list changed. A sum of the same numbers in the same order: the result equals one flattened all_reduce.
+    """
+
+    def __init__(self, world_size: int, bucket_mb: float = 25.0) -> None:
+        self.world_size = world_size
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.params: list[nn.Parameter] = []
+        self.buckets: list[list[int]] = []
+        self.handles: list = []
+
+    def _build(self, params: list[nn.Parameter]) -> None:
+        self.params = list(params)
+        self.buckets, current, size = [], [], 0
+        for index in reversed(range(len(params))):
+            current.append(index)
+            size += params[index].numel() * params[index].element_size()
+            if size >= self.bucket_bytes:
+                self.buckets.append(current)
+                current, size = [], 0
+        if current:
+            self.buckets.append(current)
+        self.bucket_of = {index: b for b, bucket in enumerate(self.buckets) for index in bucket}
+
+    def arm(self, params: list[nn.Parameter]) -> None:
+        """Start overlapping for the coming backward (the last micro-batch of an optimizer step)."""
+        if self.world_size == 1:
+            return
+        if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
+            self._build(params)
+        self.arrived = [0] * len(self.buckets)
+        self.flats: list[torch.Tensor | None] = [None] * len(self.buckets)
+        self.next_bucket = 0
+        self.hooks = [
+            param.register_post_accumulate_grad_hook(lambda p, i=index: self._arrived(i))
+            for index, param in enumerate(self.params)
+        ]
+
+    def _arrived(self, index: int) -> None:
+        bucket = self.bucket_of[index]
+        self.arrived[bucket] += 1
+        while self.next_bucket < len(self.buckets) and self.arrived[self.next_bucket] == len(
+            self.buckets[self.next_bucket]
+        ):
+            self._start(self.next_bucket)
+            self.next_bucket += 1
+
+    def _start(self, bucket: int) -> None:
+        params = [self.params[i] for i in self.buckets[bucket]]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])  # (Σ numel,)
+        self.flats[bucket] = flat
+        self.handles.append(dist.all_reduce(flat, async_op=True))
+
+    def finish(self) -> None:
+        """Wait for every bucket and set each gradient to the average over processes."""
+        if self.world_size == 1:
+            return
+        for hook in self.hooks:
+            hook.remove()
+        while self.next_bucket < len(self.buckets):
+            self._start(self.next_bucket)
+            self.next_bucket += 1
+        for handle in self.handles:
+            handle.wait()
+        self.handles = []
+        for bucket, flat in zip(self.buckets, self.flats):
+            flat /= self.world_size
+            offset = 0
+            for index in bucket:
+                param = self.params[index]
+                param.grad = flat[offset : offset + param.numel()].view_as(param)
+                offset += param.numel()
 
 
 def average_terms(

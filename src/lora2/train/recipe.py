@@ -37,7 +37,7 @@ from lora2.train.batches import TrainingData
 from lora2.train.config import TrainConfig
 from lora2.train.data import TrainImage, list_images, prepare_image
 from lora2.train.distributed import (
-    average_gradients,
+    GradientReducer,
     average_terms,
     init_processes,
     restore_rng,
@@ -279,6 +279,7 @@ class DreamBoothRecipe:
             self.backend.restore(tensors, self._training_state["ranks"])
             self.start_step = self._training_state["step"]
         self.optimizer = build_optimizer(config, self.backend.parameter_groups())
+        self.reducer = GradientReducer(self.processes.world_size)
         self.lr_scheduler = build_scheduler(config, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         if self.resume_path is not None:
@@ -356,6 +357,8 @@ class DreamBoothRecipe:
             regularization = self.backend.regularization()
             entropy = self.collector.loss() if self.collector is not None else torch.zeros((), device=self.device)
             loss = mse + config.prior_loss_weight * prior + regularization + config.entropy_weight * entropy
+            if micro == config.gradient_accumulation_steps - 1:
+                self.reducer.arm(self._trainable())  # gradients are averaged over processes during this backward
             self.scaler.scale(loss / config.gradient_accumulation_steps).backward()
             if self.collector is not None:
                 self.collector.stop()  # after backward: gradient checkpointing recomputes through the same path
@@ -373,9 +376,9 @@ class DreamBoothRecipe:
 
     def optimizer_step(self, step: int) -> None:
         """Unscale, average over processes, clip, step; the backend acts (ranks, budget); then clear gradients."""
-        trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+        trainable = self._trainable()
+        self.reducer.finish()
         self.scaler.unscale_(self.optimizer)
-        average_gradients(trainable, self.processes.world_size)
         if self.config.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(trainable, self.config.max_grad_norm)
             if not self.scaler.is_enabled() and not torch.isfinite(norm):  # fp16's scaler skips such steps itself
@@ -388,6 +391,9 @@ class DreamBoothRecipe:
         except FloatingPointError as error:
             self._diverged(step, str(error))
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _diverged(self, step: int, what: str) -> None:
         """Stop with ``TrainingDiverged``, saying which checkpoint is kept (or that none is)."""
