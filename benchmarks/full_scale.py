@@ -885,15 +885,19 @@ def merge_files(paths: list[Path]) -> dict:
     """Several results files of separate calls as one: rows by name (later files win, not_run never replaces),
     vs_script keys updated in order with their runs concatenated, calls concatenated."""
     merged = load_results(Path("/nonexistent"))
+    runs: dict[tuple, dict] = {}
+    calls: dict[str, dict] = {}
     for path in paths:
         part = load_results(path)
         for record in part["rows"]:
             merge_row(merged, record)
-        runs = merged["vs_script"].get("runs", []) + part["vs_script"].get("runs", [])
+        for run in part["vs_script"].get("runs", []):  # a file that grew over calls repeats earlier runs
+            runs[tuple(run.get(key) for key in ("call", "program", "config", "repeat", "steps", "role"))] = run
         merged["vs_script"].update(part["vs_script"])
-        if runs:
-            merged["vs_script"]["runs"] = runs
-        merged["calls"] += part["calls"]
+        calls.update({call["id"]: call for call in part["calls"]})
+    if runs:
+        merged["vs_script"]["runs"] = list(runs.values())
+    merged["calls"] = list(calls.values())
     return merged
 
 

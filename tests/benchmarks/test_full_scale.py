@@ -264,6 +264,22 @@ def test_merge_keeps_results_a_later_call_did_not_run(fs):
     assert results["rows"] == [{"name": "sdxl-adaptive", "status": "failed"}, {"name": "sdxl-fp16", "status": "ok"}]
 
 
+def test_merge_files_of_calls_that_grew_one_file(fs, tmp_path):
+    run = {"call": "c1", "program": "script", "config": "script", "repeat": 0, "steps": 30, "role": "round"}
+    first = {"rows": [{"name": "sdxl-fp16", "status": "ok"}], "vs_script": {"fixed64": {"time_ratio": 1.1},
+             "runs": [run]}, "calls": [{"id": "c1"}]}  # fmt: skip
+    second = {"rows": [{"name": "sdxl-fp16", "status": "not_run"}, {"name": "sd15-adaptive", "status": "ok"}],
+              "vs_script": {"fixed64_ckpt": {"time_ratio": 0.9}, "runs": [run, {**run, "call": "c2"}]},
+              "calls": [{"id": "c1"}, {"id": "c2"}]}  # fmt: skip
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, data in zip(paths, (first, second)):
+        path.write_text(json.dumps(data))
+    merged = fs.merge_files(paths)
+    assert [(r["name"], r["status"]) for r in merged["rows"]] == [("sdxl-fp16", "ok"), ("sd15-adaptive", "ok")]
+    assert set(merged["vs_script"]) == {"fixed64", "fixed64_ckpt", "runs"} and len(merged["vs_script"]["runs"]) == 2
+    assert [call["id"] for call in merged["calls"]] == ["c1", "c2"]
+
+
 # ---------------------------------------------------------------------------------------------- vs the script
 def test_vs_plan_interleaves_rounds_and_puts_whole_runs_last(fs):
     plan = fs.vs_plan(fs.LORA2_CONFIGS, repeats=2, steps=30, wall_steps=500, wall={"adaptive": ()})
