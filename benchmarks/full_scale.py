@@ -65,8 +65,10 @@ post-step hook) once per step for its steps to be timed.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import fnmatch
+import functools
 import importlib.metadata
 import json
 import logging
@@ -949,31 +951,47 @@ def default_estimate(setup: Setup, backbone: str) -> float:
     return 20.0 if tiny else {"sdxl": 60.0, "koala-700m": 40.0, "sd15": 35.0}[backbone]
 
 
-def run_rows(setup: Setup, rows: list[Row], out: Path, budget_s: float | None, argv: list[str]) -> dict:
-    """Run ``rows`` one after another, merging each record into ``out`` as soon as it is measured (and the logs
-    into ``logs.tgz`` beside it). With ``budget_s``, a row whose expected time (its weight × the slowest measured
-    defaults-equivalent of its backbone in this call) would end past the budget is recorded as "not_run"."""
+def run_rows(
+    setup: Setup, rows: list[Row], out: Path, budget_s: float | None, argv: list[str], parallel: int = 1
+) -> dict:
+    """Run ``rows`` in groups of ``parallel`` at once (generate/eval rows last, one by one: they read another row's
+    run), merging each record into ``out`` as soon as its group is measured (and the logs into ``logs.tgz``). With
+    ``budget_s``, a group whose expected time (the largest weight × the slowest measured defaults-equivalent of its
+    backbone in this call) would end past the budget is recorded as "not_run". Rows of a group share the GPU: their
+    ``concurrent_rows`` says so, and their s/step is then an upper bound of the row's own (memory is per process)."""
     start = time.time()
     results = load_results(out)
     results["calls"].append(call_info(setup, argv))
     per_backbone: dict[str, float] = {}
-    for row in rows:
+    independent = [row for row in rows if row.kind not in ("generate", "eval")]
+    dependent = [row for row in rows if row.kind in ("generate", "eval")]
+    groups = [independent[i : i + parallel] for i in range(0, len(independent), parallel)] + [[r] for r in dependent]
+    for group in groups:
         elapsed = time.time() - start
-        estimate = row.weight * per_backbone.get(row.backbone, default_estimate(setup, row.backbone))
+        estimate = max(r.weight * per_backbone.get(r.backbone, default_estimate(setup, r.backbone)) for r in group)
         if budget_s is not None and elapsed + estimate > budget_s:
-            record = {"name": row.name + setup.name_suffix, "backbone": row.backbone, "status": "not_run",
-                      "error": f"time budget: {elapsed:.0f} of {budget_s:.0f} s used, row needs about "
-                      f"{estimate:.0f} s"}  # fmt: skip
+            records = [
+                {"name": row.name + setup.name_suffix, "backbone": row.backbone, "status": "not_run",
+                 "error": f"time budget: {elapsed:.0f} of {budget_s:.0f} s used, row needs about {estimate:.0f} s"}
+                for row in group
+            ]  # fmt: skip
         else:
             timeout = setup.row_timeout if budget_s is None else min(setup.row_timeout, budget_s - elapsed)
-            record = run_row(replace(setup, row_timeout=timeout), row, results)
-            if record["status"] == "ok":
-                normalised = record["wall_s"] / row.weight
-                per_backbone[row.backbone] = max(per_backbone.get(row.backbone, 0.0), normalised)
-        merge_row(results, record)
+            bounded = replace(setup, row_timeout=timeout)
+            with concurrent.futures.ThreadPoolExecutor(len(group)) as pool:
+                records = list(pool.map(functools.partial(run_row, bounded, results=results), group))
+            for row, record in zip(group, records):
+                record["concurrent_rows"] = len(group)
+                if record["status"] == "ok" and len(group) == 1:
+                    normalised = record["wall_s"] / row.weight
+                    per_backbone[row.backbone] = max(per_backbone.get(row.backbone, 0.0), normalised)
+                elif record["status"] == "ok":
+                    per_backbone.setdefault(row.backbone, record["wall_s"] / row.weight)
+        for record in records:
+            merge_row(results, record)
+            print(row_line(record), flush=True)
         save_results(out, results)
         pack_logs(setup.work, out.parent / "logs.tgz")
-        print(row_line(record), flush=True)
     return results
 
 
@@ -1352,6 +1370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--name-suffix", default="", help="appended to row names (e.g. -fast with --extra-args)")
     p.add_argument("--gpus", type=int, default=None, help="GPUs for the torchrun row (default: nvidia-smi -L)")
+    p.add_argument("--parallel", type=int, default=1, help="rows run at once on the GPU (timings then shared)")
     p = commands.add_parser("vs-script", help="lora2 beside the diffusers script, interleaved, same call")
     _setup_flags(p)
     p.add_argument("--repeats", type=int, default=2)
@@ -1399,7 +1418,8 @@ def main(argv: list[str] | None = None) -> int:
                 backbones = [b for b in backbones if not _built(args.out / b, args.tiny, args.dtype)]
             build(args.configs, args.out, backbones, args.device, args.dtype, args.tiny)
         elif args.command == "run":
-            run_rows(_setup(args, args.steps), select_rows(args.rows), args.out, args.budget_s, argv)
+            setup = _setup(args, args.steps)
+            run_rows(setup, select_rows(args.rows), args.out, args.budget_s, argv, max(1, args.parallel))
         elif args.command == "vs-script":
             vs_script(_setup(args, args.steps), _vs_options(args), args.out, args.budget_s, argv)
         elif args.command == "table":

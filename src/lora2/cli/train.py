@@ -41,15 +41,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from lora2.demo import demo
+    from lora2.demo import DEMO_SUBJECT, demo
 
-    demo(args.out, max_train_steps=args.steps, overwrite=args.overwrite, subject=args.subject)
+    demo(args.out, max_train_steps=args.steps, overwrite=args.overwrite, subject=args.subject or DEMO_SUBJECT)
     return 0
 
 
 def register(subparsers) -> None:
     """Add the ``train``, ``generate`` and ``demo`` subcommands."""
-    from lora2.demo import DEMO_SUBJECT
     from lora2.train.config import add_config_arguments
 
     train = subparsers.add_parser(
@@ -81,5 +80,5 @@ def register(subparsers) -> None:
     demo.add_argument("--out", default="lora2_demo", help="output folder")
     demo.add_argument("--steps", type=int, default=150, help="training steps")
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
-    demo.add_argument("--subject", default=DEMO_SUBJECT, help="world subject (lora2 world subjects lists them)")
+    demo.add_argument("--subject", default=None, help="world subject (default target_circle; lora2 world subjects)")
     demo.set_defaults(func=_demo)
