@@ -1,13 +1,18 @@
 """How Λ's normalisation, ν's learning rate and the weight prior decide whether ranks travel (toy regression).
 
 A frozen Linear(32, 32) must learn y = W0 x + U V x with a rank-`true_rank` U V. We record the final effective
-rank and the fit for each setting. Writes benchmarks/results/rank_dynamics_toy.json.
+rank and the fit for each setting. Writes benchmarks/results/rank_dynamics_toy.json (or ``--out``); ``--table`` prints
+the Markdown table of a results file, with a re-run's final ranks and MSE beside it if a second file is given
+(docs/DESIGN.md's toy table is this output).
 
-    python benchmarks/rank_dynamics_toy.py
+    python benchmarks/rank_dynamics_toy.py [--out FILE]
+    python benchmarks/rank_dynamics_toy.py --table benchmarks/results/rank_dynamics_toy.json \
+        benchmarks/results/rank_dynamics_toy_42f58ff.json
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import time
@@ -58,23 +63,53 @@ def run(scaling: str, nu_lr: float, weight_reg: float, true_rank: int, init_rank
     }
 
 
+def markdown_table(rows: list[dict], rerun: list[dict] | None = None) -> str:
+    """One line per row of a results file, values as stored (MSE rounded to 5 decimals by ``run``); with ``rerun``
+    (the rows of a second file of the same grid), its final rank and MSE in two more columns."""
+    header = "| λ scaling | weight prior | true rank | init rank | final rank | final MSE |"
+    if rerun is not None:
+        if [_setting(r) for r in rerun] != [_setting(r) for r in rows]:
+            raise ValueError("the re-run file holds another grid of settings than the first file")
+        header += " final rank (re-run) | final MSE (re-run) |"
+    lines = [header, "|" + "---|" * header.count(" |")]
+    for index, row in enumerate(rows):
+        cells = [row["lambda_scaling"], f"{row['weight_reg_weight']:g}", row["true_rank"], row["init_rank"]]
+        cells += [row["final_rank"], f"{row['final_mse']:g}"]
+        if rerun is not None:
+            cells += [rerun[index]["final_rank"], f"{rerun[index]['final_mse']:g}"]
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+def _setting(row: dict) -> tuple:
+    return row["lambda_scaling"], row["nu_lr"], row["weight_reg_weight"], row["true_rank"], row["init_rank"]
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT, help=f"results file (default {OUT})")
+    parser.add_argument(
+        "--table",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="only print the Markdown table of a results file [and a re-run]",
+    )
+    args = parser.parse_args()
+    if args.table is not None:
+        files = [json.loads(path.read_text())["rows"] for path in args.table]
+        print(markdown_table(files[0], files[1] if len(files) > 1 else None))
+        return
     rows = []
     start = time.time()
     grid = itertools.product(["first", "sum", "none"], [1e-2], [0.0, 1e-4], [(6, 2), (20, 4), (4, 20)])
     for scaling, nu_lr, weight_reg, (true_rank, init_rank) in grid:
         rows.append(run(scaling, nu_lr, weight_reg, true_rank, init_rank))
         print(rows[-1], flush=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(
-        json.dumps(
-            {
-                "command": "python benchmarks/rank_dynamics_toy.py",
-                "rows": rows,
-                "seconds": round(time.time() - start, 1),
-            },
-            indent=2,
-        )
+    command = "python benchmarks/rank_dynamics_toy.py" + ("" if args.out == OUT else f" --out {args.out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps({"command": command, "rows": rows, "seconds": round(time.time() - start, 1)}, indent=2)
     )
 
 

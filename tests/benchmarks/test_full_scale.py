@@ -234,13 +234,13 @@ def test_rows_cover_every_value_of_the_train_options_with_sdxl(fs):
 
     train = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
     choices = {a.dest: a.choices for a in train._actions if a.choices and a.option_strings}
-    defaults = TrainConfig()
+    defaults = TrainConfig().to_dict()
     common = fs.train_args(fs.Setup(pipelines=Path("fs"), data=Path("data"), work=Path("work")), "sdxl", Path("out"))
     flags = [arg for row in fs.ROWS if row.backbone == "sdxl" for arg in [*common, *row.args]]
     for option in ("rank_mode", "adapter_type", "optimizer", "lr_scheduler", "mixed_precision", "lambda_scaling"):
         flag = "--" + option.replace("_", "-")
         given = {flags[i + 1] for i, arg in enumerate(flags) if arg == flag}
-        assert set(choices[option]) <= given | {getattr(defaults, option)}, option
+        assert set(choices[option]) <= given | {defaults[option]}, option
     for switch in ("--gradient-checkpointing", "--with-prior-preservation", "--train-text-encoder",
                    "--no-cache-latents", "--random-flip", "--no-center-crop"):  # fmt: skip
         assert switch in flags

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -16,6 +18,8 @@ from lora2.eval.evaluate import (
     default_base,
     default_batch_size,
     evaluate,
+    has_text_encoder_keys,
+    load_pipeline,
     resolve_evaluators,
 )
 from lora2.eval.metrics import DEFAULT_CLIP, DEFAULT_DINO
@@ -106,6 +110,47 @@ def test_adapter_summary_counts_ranks_and_size(tiny_adapter):
     assert set(summary["ranks"].values()) == {2, 5}
     assert all(name.startswith(("down_blocks", "mid_block", "up_blocks")) for name in summary["ranks"])
     assert summary["size_gb_fp32"] == pytest.approx(summary["parameters"] * 4 / 2**30)
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_adapter_load_says_nothing_about_text_encoders_the_file_does_not_adapt(tiny_sdxl, tiny_adapter):
+    from diffusers import DiffusionPipeline
+
+    handler = _Warnings()
+    logging.getLogger("diffusers").addHandler(handler)  # diffusers' loggers do not propagate to the root logger
+    try:
+        DiffusionPipeline.from_pretrained(str(tiny_sdxl)).load_lora_weights(str(tiny_adapter))  # plain diffusers
+        if not any("No LoRA keys" in message for message in handler.messages):
+            pytest.skip("this diffusers version does not report text encoders without LoRA keys")
+        handler.messages.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe = load_pipeline(str(tiny_sdxl), tiny_adapter, torch.device("cpu"), torch.float32)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert handler.messages == []
+    assert [str(w.message) for w in caught if "torch_dtype" in str(w.message)] == []
+    assert any(hasattr(module, "lora_A") for module in pipe.unet.modules())
+
+
+def test_text_encoder_keys_are_recognised(tiny_adapter, tmp_path):
+    from safetensors.torch import save_file
+
+    assert not has_text_encoder_keys(tiny_adapter)
+    for key in (
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+    ):
+        save_file({key: torch.zeros(2, 4)}, str(tmp_path / "te.safetensors"))
+        assert has_text_encoder_keys(tmp_path / "te.safetensors")
 
 
 def test_bad_inputs_fail_before_loading_models(tmp_path, dreambooth_root, tiny_adapter):

@@ -1,13 +1,20 @@
-"""Metric properties: self-similarity 1, normalised features, determinism, and agreement with a direct computation."""
+"""Metric properties: self-similarity 1, normalised features, determinism, and agreement with a direct computation;
+evaluators load without transformers' load report."""
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_image
 
+import lora2.world
 from lora2.eval.metrics import ClipEncoder, DinoEncoder, SubjectScorer, mean_paired_cosine, mean_pairwise_cosine
+
+WORLD_DINO = Path(lora2.world.__file__).parent / "assets" / "dino"
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +83,48 @@ def test_unloadable_evaluator_is_a_clear_error(tmp_path):
         ClipEncoder.from_pretrained(tmp_path / "missing")
     with pytest.raises(ValueError, match="cannot load the DINO evaluator"):
         DinoEncoder.from_pretrained(tmp_path / "missing")
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_warnings():
+    """Warnings logged by transformers (its loggers do not propagate to the root logger)."""
+    handler = _Warnings()
+    logging.getLogger("transformers").addHandler(handler)
+    yield handler.messages
+    logging.getLogger("transformers").removeHandler(handler)
+
+
+@pytest.mark.skipif(not (WORLD_DINO / "model.safetensors").is_file(), reason="world models not committed")
+def test_world_dino_loads_without_a_report_and_with_unchanged_features(transformers_warnings):
+    from transformers import ViTModel
+
+    image = random_image(3, size=64)
+    # the load lora2 used before: no pooler built, so the saved pooler's weights are reported as unused
+    previous = DinoEncoder(ViTModel.from_pretrained(WORLD_DINO, add_pooling_layer=False), None)
+    assert any("pooler" in message for message in transformers_warnings)
+    transformers_warnings.clear()
+
+    encoder = DinoEncoder.from_pretrained(WORLD_DINO)
+    assert transformers_warnings == []
+    assert encoder.model.pooler is not None  # built because the checkpoint has it; never run
+    previous.processor = encoder.processor
+    plain = DinoEncoder(ViTModel.from_pretrained(WORLD_DINO), encoder.processor)  # WORLD.md's plain load
+    features = encoder.encode([image])
+    assert torch.equal(features, previous.encode([image]))
+    assert torch.equal(features, plain.encode([image]))
+
+
+def test_dino_checkpoint_without_pooler_loads_without_a_report(evaluators, transformers_warnings):
+    dino, _ = evaluators  # saved without a pooler, as facebook/dino-vits16
+    encoder = DinoEncoder.from_pretrained(dino)
+    assert encoder.model.pooler is None
+    assert transformers_warnings == []

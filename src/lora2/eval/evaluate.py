@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from lora2.data import Subject, load_subject
 from lora2.eval.metrics import DEFAULT_CLIP, DEFAULT_DINO, ClipEncoder, DinoEncoder, SubjectScorer
+from lora2.logs import quiet_pipeline_load, quiet_unet_lora_load
 from lora2.train.run_folder import RunFolder, read_run_config
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ GIB = 2**30
 _DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight", ".lora_A.default.weight")
 _UP_SUFFIXES = (".lora_B.weight", ".lora_up.weight", ".lora.up.weight", ".lora_B.default.weight")
 _PREFIXES = ("unet.", "base_model.model.", "lora_unet_", "model.")
+_TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te")  # diffusers' text_encoder(_2). and kohya's lora_te(1|2)_
 # DoRA's magnitude vectors m (one per output feature; diffusers / peft spellings): part of the adapter's size
 _MAGNITUDE_SUFFIXES = (
     ".lora_magnitude_vector",
@@ -128,6 +130,12 @@ def adapter_summary(path: str | Path) -> dict:
     }
 
 
+def has_text_encoder_keys(path: str | Path) -> bool:
+    """Whether a LoRA file holds text-encoder matrices (diffusers' or kohya's key names)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return any(key.startswith(_TEXT_ENCODER_PREFIXES) for key in handle.keys())
+
+
 # ---------------------------------------------------------------------- evaluator resolution
 def world_info(materialize: bool = False) -> dict | None:
     """``lora2.world.info()`` with only the ready entries kept (None when the world package is absent)."""
@@ -214,8 +222,13 @@ def load_pipeline(base: str, lora: Path, device: torch.device, dtype: torch.dtyp
     file, with magnitude vectors, loads as DoRA: diffusers sets ``use_dora`` from its keys)."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=dtype)
-    pipe.load_lora_weights(str(lora))
+    with quiet_pipeline_load():
+        pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=dtype)
+    if has_text_encoder_keys(lora):
+        pipe.load_lora_weights(str(lora))
+    else:
+        with quiet_unet_lora_load():
+            pipe.load_lora_weights(str(lora))
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     if not any(hasattr(module, "lora_A") for module in denoiser.modules()):
         raise ValueError(f"{lora} loaded no LoRA layer into the denoiser of {base} (module names do not match?)")

@@ -12,6 +12,7 @@ gives 1. Encoders run in fp32 in eval mode under ``torch.no_grad``: scores are d
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,21 @@ def _load_error(kind: str, name: str | Path, error: Exception) -> ValueError:
     )
 
 
+def _has_pooler(name: str | Path) -> bool:
+    """Whether a local ViT folder's safetensors weights hold ViT's pooler (the world's DINO evaluator, saved by a plain
+    ``ViTModel``, does); False for hub ids and folders without safetensors (DINO checkpoints have no pooler)."""
+    folder = Path(name)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        keys = list(json.loads(index.read_text())["weight_map"])
+    elif (folder / "model.safetensors").is_file():
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+            keys = list(handle.keys())
+    else:
+        return False
+    return any(key.startswith("pooler.") for key in keys)
+
+
 class _Encoder:
     """A frozen fp32 model in eval mode with its processor, run in batches."""
 
@@ -68,9 +85,10 @@ class DinoEncoder(_Encoder):
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
         try:
-            # the CLS token is read before ViT's pooler, which DINO checkpoints do not have
+            # the CLS token is read before ViT's pooler; the pooler is built exactly when the checkpoint has one, so
+            # that transformers reports no missing or unused weights (the pooler is never run)
             config = AutoConfig.from_pretrained(str(name))
-            kwargs = {"add_pooling_layer": False} if config.model_type == "vit" else {}
+            kwargs = {"add_pooling_layer": _has_pooler(name)} if config.model_type == "vit" else {}
             model = AutoModel.from_pretrained(str(name), **kwargs)
             processor = AutoImageProcessor.from_pretrained(str(name))
         except (OSError, ValueError) as error:

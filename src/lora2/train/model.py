@@ -11,6 +11,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from torch import nn
 
+from lora2.logs import quiet_pipeline_load
+
 logger = logging.getLogger(__name__)
 
 
@@ -85,9 +87,13 @@ def load_components(
 ) -> Components:
     """Load a pipeline (hub id or local folder) in fp32 and pick out its parts; ``kind`` "auto" detects it."""
     try:
-        pipe = DiffusionPipeline.from_pretrained(base, revision=revision, variant=variant, torch_dtype=torch.float32)
+        with quiet_pipeline_load():
+            pipe = DiffusionPipeline.from_pretrained(
+                base, revision=revision, variant=variant, torch_dtype=torch.float32
+            )
     except OSError as error:
         raise _load_error(base, error) from error
+    pipe.set_progress_bar_config(disable=True)  # samples and class images: the trainer shows its own progress
     detected = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
     if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
         raise ValueError(f"base model {base} ({type(pipe).__name__}) is not a UNet/VAE pipeline (SDXL, KOALA, SD 1.5)")
