@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from lora2.data import Subject, load_subject
 from lora2.eval.metrics import DEFAULT_CLIP, DEFAULT_DINO, ClipEncoder, DinoEncoder, SubjectScorer
+from lora2.export.api import load_pipeline_lora
+from lora2.export.files import check_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -132,16 +134,20 @@ def adapter_summary(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"adapter file not found: {path}")
+    check_safetensors(path)
     ranks: dict[str, int] = {}
     parameters = 0
-    with safe_open(str(path), framework="pt") as handle:
-        for key in handle.keys():
-            shape = handle.get_slice(key).get_shape()
-            if key.endswith(_DOWN_SUFFIXES + _UP_SUFFIXES + _MAGNITUDE_SUFFIXES):
-                parameters += math.prod(shape)
-            for suffix in _DOWN_SUFFIXES:
-                if key.endswith(suffix):
-                    ranks[_module_name(key, suffix)] = int(shape[0])
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: corrupt or truncated safetensors file ({error})") from error
+    for key, shape in shapes.items():
+        if key.endswith(_DOWN_SUFFIXES + _UP_SUFFIXES + _MAGNITUDE_SUFFIXES):
+            parameters += math.prod(shape)
+        for suffix in _DOWN_SUFFIXES:
+            if key.endswith(suffix) and shape:
+                ranks[_module_name(key, suffix)] = int(shape[0])
     if not ranks:
         raise ValueError(f"{path} holds no LoRA matrices (keys ending in {_DOWN_SUFFIXES})")
     return {
@@ -238,11 +244,12 @@ def default_base() -> str:
 # ---------------------------------------------------------------------- generation and scoring
 def load_pipeline(base: str, lora: Path, device: torch.device, dtype: torch.dtype):
     """The base pipeline (SDXL, or any diffusers text-to-image pipeline) with the LoRA loaded through peft (a DoRA
-    file, with magnitude vectors, loads as DoRA: diffusers sets ``use_dora`` from its keys)."""
+    file, with magnitude vectors, loads as DoRA: diffusers sets ``use_dora`` from its keys), after the file checks of
+    ``lora2 inspect`` and a check of every module's name and shape against the pipeline (``load_pipeline_lora``)."""
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=dtype)
-    pipe.load_lora_weights(str(lora))
+    load_pipeline_lora(pipe, lora)
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     if not any(hasattr(module, "lora_A") for module in denoiser.modules()):
         raise ValueError(f"{lora} loaded no LoRA layer into the denoiser of {base} (module names do not match?)")

@@ -10,6 +10,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from lora2.export.api import load_pipeline_lora
 from lora2.train.model import resolve_base
 
 logger = logging.getLogger(__name__)
@@ -48,12 +49,13 @@ class GenerateConfig:
 
 
 def load_pipeline(base: str, lora: str | None, device: torch.device) -> DiffusionPipeline:
-    """The base pipeline in fp32 with the adapter loaded through diffusers' own loader."""
+    """The base pipeline in fp32 with the adapter loaded through diffusers' own loader, after the file checks of
+    ``lora2 inspect`` and a check of every module's name and shape against the pipeline (``load_pipeline_lora``)."""
+    if lora is not None and not Path(lora).exists():
+        raise ValueError(f"LoRA file not found: {lora}")
     pipe = DiffusionPipeline.from_pretrained(resolve_base(base), torch_dtype=torch.float32)
     if lora is not None:
-        if not Path(lora).exists():
-            raise ValueError(f"LoRA file not found: {lora}")
-        pipe.load_lora_weights(lora)
+        load_pipeline_lora(pipe, lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
