@@ -2,6 +2,8 @@
 
 train: writes train_config.yaml and a LoRA file (fixed: init_rank everywhere; adaptive: ranks varying by layer and
 seed); exits 1 when --init-rank equals $FAKE_CRASH_RANK. Every invocation appends a line to $FAKE_CALLS.
+With $FAKE_SPANS, train appends ["begin" | "end", pid, time] lines there; it first sleeps $FAKE_TRAIN_SECONDS, and
+on SIGTERM takes $FAKE_TERM_SECONDS (a checkpoint being written) before it exits with 143.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,18 @@ def _write(path: Path, ranks: dict[str, int]) -> None:
     save_file(tensors, str(path))
 
 
+def _span(event: str) -> None:
+    if "FAKE_SPANS" in os.environ:
+        with open(os.environ["FAKE_SPANS"], "a") as handle:
+            handle.write(json.dumps([event, os.getpid(), time.time()]) + "\n")
+
+
+def _on_sigterm(number, frame) -> None:
+    time.sleep(float(os.environ.get("FAKE_TERM_SECONDS", "0")))
+    _span("end")
+    sys.exit(143)
+
+
 def main(argv: list[str]) -> int:
     stage, argv = argv[0], argv[1:]
     with open(os.environ["FAKE_CALLS"], "a") as handle:
@@ -54,6 +70,9 @@ def main(argv: list[str]) -> int:
         if args.init_rank and args.init_rank == os.environ.get("FAKE_CRASH_RANK"):
             print("Traceback: CUDA out of memory (fake)", file=sys.stderr)
             return 1
+        _span("begin")
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        time.sleep(float(os.environ.get("FAKE_TRAIN_SECONDS", "0")))
         run = Path(args.output_dir)
         run.mkdir(parents=True, exist_ok=True)
         config = {"base": args.base, "instance_data_dir": args.instance_data_dir, "identifier": "sks"}
@@ -64,6 +83,7 @@ def main(argv: list[str]) -> int:
         else:
             ranks = {m: 1 + (3 * i + seed) % 7 for i, m in enumerate(MODULES)}
         _write(run / "pytorch_lora_weights.safetensors", ranks)
+        _span("end")
         return 0
     if stage == "resize":
         parser.add_argument("source")

@@ -224,3 +224,71 @@ def test_concurrent_jobs_share_the_cores(tmp_path, dreambooth_root, monkeypatch)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a user's own setting is kept
     bench(_config(tmp_path / "bench2", dreambooth_root, ["fixed-8"], seeds=[0]))
     assert threads.read_text().split()[-1] == "3"
+
+
+def _spans(path: Path) -> list[list]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _wait_for(condition, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _start_bench(config: BenchConfig, env: dict) -> subprocess.Popen:
+    script = f"from lora2.eval.bench import BenchConfig, bench; bench(BenchConfig(**{config.__dict__!r}))"
+    return subprocess.Popen([sys.executable, "-c", script], env={**os.environ, **env})
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _started_and_locked(spans: Path, lock: Path) -> bool:
+    """The fake trainer runs and the bench has recorded it in the cell's lock."""
+    started = _spans(spans)
+    return (
+        bool(started) and lock.is_file() and started[0][1] in [pid for pid, _ in json.loads(lock.read_text())["pids"]]
+    )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux-only")
+def test_a_job_dies_with_its_bench_even_by_sigkill(tmp_path, dreambooth_root):
+    out, spans = tmp_path / "bench", tmp_path / "spans.jsonl"
+    lock = out / "cells/toy1/fixed-8/seed0/job.lock"
+    env = {"FAKE_CALLS": str(tmp_path / "calls.jsonl"), "FAKE_SPANS": str(spans), "FAKE_TRAIN_SECONDS": "60"}
+    parent = _start_bench(_config(out, dreambooth_root, ["fixed-8"], seeds=[0]), env)
+    _wait_for(lambda: _started_and_locked(spans, lock))
+    (event, trainer, _), *_ = _spans(spans)
+    assert event == "begin" and _running(trainer)
+    parent.kill()  # SIGKILL: the bench runs no handler
+    parent.wait()
+    _wait_for(lambda: not _running(trainer), seconds=30)
+    assert [e for e, pid, _ in _spans(spans) if pid == trainer] == ["begin", "end"]  # it got SIGTERM and ended
+
+
+def test_a_resumed_bench_never_runs_two_trainers_in_one_cell(tmp_path, dreambooth_root, monkeypatch):
+    """The first bench is SIGKILLed while its trainer writes a checkpoint for 4 s after SIGTERM; a bench resumed at
+    once waits for that trainer to end before it starts its own in the same cell."""
+    out, spans, calls = tmp_path / "bench", tmp_path / "spans.jsonl", tmp_path / "calls.jsonl"
+    lock = out / "cells/toy1/fixed-8/seed0/job.lock"
+    config = _config(out, dreambooth_root, ["fixed-8"], seeds=[0])
+    env = {"FAKE_CALLS": str(calls), "FAKE_SPANS": str(spans), "FAKE_TRAIN_SECONDS": "60", "FAKE_TERM_SECONDS": "4"}
+    parent = _start_bench(config, env)
+    _wait_for(lambda: _started_and_locked(spans, lock))
+    for key, value in {**env, "FAKE_TRAIN_SECONDS": "0"}.items():
+        monkeypatch.setenv(key, value)
+    resumed = Bench(config)  # validated before the kill, so that it starts jobs at once after it
+    parent.kill()
+    parent.wait()
+    assert resumed.run() == {"done": 1}
+    (b1, first, start1), (e1, first_again, end1), (b2, second, start2), (e2, *_) = _spans(spans)
+    assert (b1, e1, b2, e2) == ("begin", "end", "begin", "end") and first == first_again != second
+    assert end1 <= start2  # never two trainers at once on the run folder
+    assert [c[0] for c in _calls(calls)] == ["train", "train", "eval"] and not lock.exists()

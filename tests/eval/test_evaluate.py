@@ -18,7 +18,6 @@ from lora2.eval.evaluate import (
     default_base,
     default_batch_size,
     evaluate,
-    has_text_encoder_keys,
     load_pipeline,
     resolve_evaluators,
 )
@@ -141,18 +140,6 @@ def test_adapter_load_says_nothing_about_text_encoders_the_file_does_not_adapt(t
     assert any(hasattr(module, "lora_A") for module in pipe.unet.modules())
 
 
-def test_text_encoder_keys_are_recognised(tiny_adapter, tmp_path):
-    from safetensors.torch import save_file
-
-    assert not has_text_encoder_keys(tiny_adapter)
-    for key in (
-        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
-        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
-    ):
-        save_file({key: torch.zeros(2, 4)}, str(tmp_path / "te.safetensors"))
-        assert has_text_encoder_keys(tmp_path / "te.safetensors")
-
-
 def test_bad_inputs_fail_before_loading_models(tmp_path, dreambooth_root, tiny_adapter):
     (tmp_path / "run").mkdir()
     with pytest.raises(ValueError, match="no adapter"):
@@ -186,3 +173,23 @@ def test_world_subjects_use_the_world_evaluators(dreambooth_root, tmp_path, monk
     assert resolve_evaluators(tmp_path / "elsewhere", None, None) == (DEFAULT_DINO, DEFAULT_CLIP)
     with pytest.raises(ValueError, match="no base model"):  # base_model not ready
         default_base()
+
+
+def test_a_bad_adapter_is_refused_before_diffusers_loads_it(
+    tiny_sdxl, tiny_adapter, dreambooth_root, evaluators, tmp_path
+):
+    """The file checks of `lora2 inspect` (here NaN weights) and a shape check against the pipeline, then one line."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tiny_adapter)
+    key = sorted(k for k in tensors if k.endswith("lora_A.weight"))[0]
+    nan, shape = tmp_path / "nan.safetensors", tmp_path / "shape.safetensors"
+    save_file({**tensors, key: tensors[key] * float("nan")}, str(nan))
+    save_file({**tensors, key: torch.zeros(tensors[key].shape[0], 7)}, str(shape))
+    pickle = tmp_path / "renamed.safetensors"
+    torch.save(tensors, pickle)
+    for path, message in ((nan, "weights contain NaN or Inf"), (shape, "do not fit Linear"), (pickle, "pickle")):
+        with pytest.raises(ValueError, match=message) as error:
+            evaluate(_config(tiny_sdxl, path, dreambooth_root, evaluators, tmp_path))
+        assert str(error.value).startswith(str(path))
+    assert not (tmp_path / "eval.json").exists()

@@ -148,3 +148,9 @@ def test_bad_attribute_is_rejected():
         g.Scene("blob", "red", "solid", "beach", "small", "left", 0.5, 0.5, 0.1, 0.0)
     with pytest.raises(ValueError, match="held_out"):
         g.sample_scene(np.random.default_rng(0), held_out="nope")
+
+
+def test_samples_below_one_pixel_are_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="size \\(--size\\) must be a positive number of pixels, got 0"):
+        g.write_samples(tmp_path / "s", n=2, size=0)
+    assert not (tmp_path / "s").exists()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from lora2.cli import main
 from lora2.world import generator as g
 from lora2.world.subjects import PALETTE, PROMPTS, SUBJECTS, render_subject, write_subjects
 from lora2.world.tokenizer import vocabulary_words
@@ -105,3 +107,13 @@ def test_subject_is_more_than_its_class():
         ]
         world = g.render_batch(scenes, 64).numpy().astype(int)  # colours x 64 x 64 x 3
         assert np.abs(world - ref).mean(axis=(1, 2, 3)).min() > 3, subject.name
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_a_size_below_one_pixel_is_one_clear_error(size, tmp_path, caplog):
+    with caplog.at_level(logging.ERROR, logger="lora2"):
+        assert main(["world", "subjects", "--out", str(tmp_path / "w"), "--size", size]) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"size (--size) must be a positive number of pixels, got {size}"
+    ]
+    assert not (tmp_path / "w").exists()

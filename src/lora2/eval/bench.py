@@ -4,6 +4,10 @@ Every cell (subject, method, seed) is a chain of jobs: ``train`` (``lora2 train`
 the ``svd-512-*`` methods instead an SVD truncation of the fixed-512 adapter to the lora2 cell's size,
 ``svd_resize``), then ``eval`` (``lora2 eval --run``). Jobs run as subprocesses with ``CUDA_VISIBLE_DEVICES`` set to
 one GPU; ``jobs_per_gpu`` jobs share a GPU (the world's models are small); with no GPU, ``cpu_jobs`` run on the CPU.
+A job dies with its bench: it gets SIGTERM (and checkpoints) when the bench ends, even by SIGKILL
+(``lockfile.die_with_parent``, Linux). One cell never runs two jobs at once: the bench takes the cell's ``job.lock``
+before starting a job and waits while another live process holds it (a job of a killed bench still ending,
+another bench on the same folder); a lock whose processes are gone is replaced.
 
 Folder layout (resumable: a job whose marker exists is skipped; a job that fails is retried once, then the cell is
 recorded as failed with its error and skipped by later calls unless ``retry_failed``)::
@@ -13,6 +17,7 @@ recorded as failed with its error and skipped by later calls unless ``retry_fail
         cells.jsonl                     # append-only: one line per finished, failed or skipped job attempt
         cells/<subject>/<method>/seed<k>/
             status.json                 # state (pending|running|done|failed|unsupported|interrupted), attempts
+            job.lock                    # while a job runs: host, pids and start times of the bench and the job
             train.done  eval.done       # markers of finished jobs
             train.log   eval.log        # stdout + stderr of the last attempt
             run/                        # the training run folder (train_config.yaml, adapter, eval.json)
@@ -37,6 +42,7 @@ from tqdm.auto import tqdm
 
 from lora2.data import load_subject, load_subjects
 from lora2.eval.evaluate import adapter_summary, default_base, resolve_evaluators, world_info
+from lora2.eval.lockfile import LockFile, die_with_parent
 from lora2.train.run_folder import CONFIG_FILE, MAIN_ADAPTER
 
 logger = logging.getLogger(__name__)
@@ -49,6 +55,7 @@ LORA2_ENTROPY_WEIGHT = 1e-4
 DORA_RANK = 32
 ADALORA_RANKS = (32, 16)  # init_r → target_r (mean final rank per layer)
 MAX_ATTEMPTS = 2
+CELL_LOCK = "job.lock"  # held (lockfile.LockFile) by the bench and the job it runs in the cell
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # BenchConfig fields that change results: a bench folder refuses a call that changes them
 PROTOCOL_KEYS = ("base", "steps", "train_args", "eval_args")
@@ -312,6 +319,7 @@ class Bench:
     def __init__(self, config: BenchConfig):
         self.config = config
         self.threads_per_job = 1  # set by run() from the number of concurrent jobs
+        self._waiting: set[str] = set()  # jobs whose cell lock another process holds (warned once)
         self.out = Path(config.out)
         self.methods = resolve_methods(config.methods)
         self.subjects = resolve_subjects(config.subjects, config.data_root)
@@ -497,9 +505,17 @@ class Bench:
         with log.open("w", encoding="utf-8") as handle:
             handle.write("$ " + " ".join(command) + "\n")
             handle.flush()
+            # own session: a terminal's Ctrl-C reaches only the bench, which stops its jobs with SIGTERM;
+            # die_with_parent: a bench killed outright (SIGKILL, OOM killer) still takes its jobs with it
             process = subprocess.Popen(
-                command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                command,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
+        self._lock(job.cell).add_process(process.pid, stage=job.stage)
         job.attempts += 1
         job.cell.write_status(state="running", stage=job.stage, device=slot or "cpu")
         logger.info("start %s on %s (attempt %d)", job.key, f"cuda:{slot}" if slot else "cpu", job.attempts)
@@ -534,6 +550,36 @@ class Bench:
         self._record(job, job.cell, "failed", error=error)
         logger.error("%s failed twice: %s (log: %s)", job.key, problem, log)
         return "failed"
+
+    @staticmethod
+    def _lock(cell: Cell) -> LockFile:
+        return LockFile(cell.folder / CELL_LOCK)
+
+    def _claim(self, pending: dict[str, Job], running: set[str], done: set[str], progress) -> Job | None:
+        """The first ready job whose cell lock this bench takes. A cell whose lock a live process holds (the job
+        of a killed bench still ending, or another bench on the same folder) is waited for, so one cell never has
+        two jobs at once; a job finished by that process meanwhile counts as done."""
+        for key, job in list(pending.items()):
+            if key in running or not set(job.deps) <= done:
+                continue
+            lock = self._lock(job.cell)
+            holder = lock.acquire(stage=job.stage)
+            if holder is not None:
+                if key not in self._waiting:
+                    self._waiting.add(key)
+                    logger.warning(
+                        "%s: waiting for %s, held by pids %s on %s (remove it if none of them runs)",
+                        key, lock.path, [pid for pid, _ in holder.get("pids") or []], holder.get("host"),
+                    )  # fmt: skip
+                continue
+            if job.marker.is_file():
+                lock.release()
+                pending.pop(key)
+                done.add(key)
+                progress.update()
+                continue
+            return job
+        return None
 
     def _drop_unreachable(self, pending: dict[str, Job], done: set[str], failed: set[str], running: set[str]) -> None:
         """Remove jobs whose dependency failed (or was skipped as failed); record it on the cell unless the failed
@@ -617,6 +663,7 @@ class Bench:
                 job, process, started = entry
                 slots[index] = None
                 outcome = self._finish(job, process.returncode, started, interrupted=stopping)
+                self._lock(job.cell).release()
                 if outcome != "retry":
                     pending.pop(job.key)
                     progress.update()
@@ -626,8 +673,8 @@ class Bench:
                 pending = {key: job for key, job in pending.items() if key in running}
             self._drop_unreachable(pending, done, failed, running)
             for index, device in enumerate(devices):
-                ready = next((j for k, j in pending.items() if k not in running and set(j.deps) <= done), None)
-                if slots[index] is None and ready is not None and not stopping:
+                ready = None if slots[index] is not None or stopping else self._claim(pending, running, done, progress)
+                if ready is not None:
                     slots[index] = (ready, *self._launch(ready, device))
                     running.add(ready.key)
             if pending:

@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from lora2.data import Subject, load_subject
 from lora2.eval.metrics import DEFAULT_CLIP, DEFAULT_DINO, ClipEncoder, DinoEncoder, SubjectScorer
-from lora2.logs import quiet_pipeline_load, quiet_unet_lora_load
+from lora2.export.files import check_safetensors
+from lora2.train.generate import load_pipeline as generate_pipeline
 from lora2.train.run_folder import RunFolder, read_run_config
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ GIB = 2**30
 _DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight", ".lora_A.default.weight")
 _UP_SUFFIXES = (".lora_B.weight", ".lora_up.weight", ".lora.up.weight", ".lora_B.default.weight")
 _PREFIXES = ("unet.", "base_model.model.", "lora_unet_", "model.")
-_TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te")  # diffusers' text_encoder(_2). and kohya's lora_te(1|2)_
 # DoRA's magnitude vectors m (one per output feature; diffusers / peft spellings): part of the adapter's size
 _MAGNITUDE_SUFFIXES = (
     ".lora_magnitude_vector",
@@ -107,16 +107,20 @@ def adapter_summary(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"adapter file not found: {path}")
+    check_safetensors(path)
     ranks: dict[str, int] = {}
     parameters = 0
-    with safe_open(str(path), framework="pt") as handle:
-        for key in handle.keys():
-            shape = handle.get_slice(key).get_shape()
-            if key.endswith(_DOWN_SUFFIXES + _UP_SUFFIXES + _MAGNITUDE_SUFFIXES):
-                parameters += math.prod(shape)
-            for suffix in _DOWN_SUFFIXES:
-                if key.endswith(suffix):
-                    ranks[_module_name(key, suffix)] = int(shape[0])
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: corrupt or truncated safetensors file ({error})") from error
+    for key, shape in shapes.items():
+        if key.endswith(_DOWN_SUFFIXES + _UP_SUFFIXES + _MAGNITUDE_SUFFIXES):
+            parameters += math.prod(shape)
+        for suffix in _DOWN_SUFFIXES:
+            if key.endswith(suffix) and shape:
+                ranks[_module_name(key, suffix)] = int(shape[0])
     if not ranks:
         raise ValueError(f"{path} holds no LoRA matrices (keys ending in {_DOWN_SUFFIXES})")
     return {
@@ -128,12 +132,6 @@ def adapter_summary(path: str | Path) -> dict:
         "parameters": parameters,
         "size_gb_fp32": parameters * 4 / GIB,
     }
-
-
-def has_text_encoder_keys(path: str | Path) -> bool:
-    """Whether a LoRA file holds text-encoder matrices (diffusers' or kohya's key names)."""
-    with safe_open(str(path), framework="pt") as handle:
-        return any(key.startswith(_TEXT_ENCODER_PREFIXES) for key in handle.keys())
 
 
 # ---------------------------------------------------------------------- evaluator resolution
@@ -219,21 +217,13 @@ def default_base() -> str:
 # ---------------------------------------------------------------------- generation and scoring
 def load_pipeline(base: str, lora: Path, device: torch.device, dtype: torch.dtype):
     """The base pipeline (SDXL, or any diffusers text-to-image pipeline) with the LoRA loaded through peft (a DoRA
-    file, with magnitude vectors, loads as DoRA: diffusers sets ``use_dora`` from its keys)."""
-    from diffusers import DiffusionPipeline
-
-    with quiet_pipeline_load():
-        pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=dtype)
-    if has_text_encoder_keys(lora):
-        pipe.load_lora_weights(str(lora))
-    else:
-        with quiet_unet_lora_load():
-            pipe.load_lora_weights(str(lora))
+    file, with magnitude vectors, loads as DoRA: diffusers sets ``use_dora`` from its keys), after the file checks of
+    ``lora2 inspect`` and a check of every module against the pipeline (``lora2.train.generate.load_pipeline``)."""
+    pipe = generate_pipeline(base, lora, device, dtype)
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     if not any(hasattr(module, "lora_A") for module in denoiser.modules()):
         raise ValueError(f"{lora} loaded no LoRA layer into the denoiser of {base} (module names do not match?)")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -11,6 +11,7 @@ which is what diffusers/peft (scale = lora_alpha / r) and kohya (scale = alpha /
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import torch
 
 # Component names as diffusers prefixes them; kohya prefixes are in keys.KOHYA_PREFIXES.
 Adapter = dict[str, dict[str, "LoraModule"]]
+# dtypes of the weights lora2 reads and writes (fp8 and integer tensors are refused with a clear error)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -74,8 +77,8 @@ class LoraModule:
         return cls(down.reshape(down_shape).to(dtype).contiguous(), up.reshape(up_shape).to(dtype).contiguous())
 
 
-def check_module(module: LoraModule, where: str) -> None:
-    """Raise ValueError when down/up do not form a LoRA pair; ``where`` names file and module."""
+def check_shapes(module: LoraModule, where: str) -> None:
+    """Raise ValueError when down/up do not form a LoRA pair of rank >= 1 in a float dtype (no data is read)."""
     down, up = module.down, module.up
     if down.dim() not in (2, 4):
         raise ValueError(f"{where}: down weight must be 2-D (linear) or 4-D (conv), got shape {tuple(down.shape)}")
@@ -85,10 +88,26 @@ def check_module(module: LoraModule, where: str) -> None:
         raise ValueError(f"{where}: rank mismatch, down {tuple(down.shape)} vs up {tuple(up.shape)}")
     if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
         raise ValueError(f"{where}: conv up weight must be 1x1, got shape {tuple(up.shape)}")
-    if not (down.is_floating_point() and up.is_floating_point()):
-        raise ValueError(f"{where}: weights must be floating point, got {down.dtype} / {up.dtype}")
+    if 0 in down.shape or 0 in up.shape:
+        raise ValueError(
+            f"{where}: empty weights (rank 0 or a zero dimension): down {tuple(down.shape)}, up {tuple(up.shape)}"
+        )
+    if down.dtype not in FLOAT_DTYPES or up.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{where}: weights must be fp16, bf16, fp32 or fp64, got {down.dtype} / {up.dtype}")
+
+
+def check_module(module: LoraModule, where: str) -> None:
+    """``check_shapes``, finite weights and a finite scale; ``where`` names file and module."""
+    check_shapes(module, where)
+    down, up = module.down, module.up
     if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
         raise ValueError(f"{where}: weights contain NaN or Inf")
+    if not math.isfinite(module.scale):
+        raise ValueError(f"{where}: scale (alpha / rank) {module.scale!r} is not finite")
+    # |ΔW_ij| ≤ |scale| · r · max|up| · max|down|: a bound past fp32's range gives Inf/NaN images when applied
+    bound = abs(module.scale) * module.rank * float(up.abs().max()) * float(down.abs().max())
+    if not bound < torch.finfo(torch.float32).max:
+        raise ValueError(f"{where}: weights too large (|ΔW| may reach {bound:.3g}, beyond float32)")
 
 
 @dataclass
@@ -98,6 +117,7 @@ class AdapterFile:
     format: "diffusers", "kohya", "peft" or "lora2" (native, see ``lora2.export.native``).
     lora2: the parsed ``lora2`` header entry (``None`` for files written by other tools).
     raw: native files only: component → module → (A, B, log_nu), the unbaked LoRA² state.
+    magnitudes: DoRA files only: component → module → magnitude vector m (d_out,).
     """
 
     path: Path
@@ -106,6 +126,7 @@ class AdapterFile:
     lora2: dict | None = None
     raw: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None
     header: dict[str, str] = field(default_factory=dict)
+    magnitudes: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def ranks(self) -> dict[str, dict[str, int]]:
         return {comp: {name: m.rank for name, m in modules.items()} for comp, modules in self.adapter.items()}

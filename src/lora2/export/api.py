@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -30,11 +31,14 @@ from torch import nn
 from lora2.export.adapter import AdapterFile, LoraModule
 from lora2.export.files import write_safetensors
 from lora2.export.formats import check_format, output_path, read_adapter, write_adapter
+from lora2.export.keys import FILE_NAMES, KNOWN_COMPONENTS
 from lora2.export.kohya import SGM_BLOCKS, sgm_to_diffusers
 from lora2.export.metadata import build_header
-from lora2.export.names import is_flat_clip, resolver, to_file_name, underscore
+from lora2.export.names import is_flat_clip, is_text_encoder, resolver, to_file_name, underscore
+from lora2.export.native import header_config
 from lora2.export.native import to_state_dict as native_state_dict
 from lora2.inject import inject
+from lora2.logs import quiet_unet_lora_load
 from lora2.lora.config import LoRA2Config
 from lora2.lora.layer import LoRA2Layer, unbake_up
 from lora2.lora.model import lora_layers
@@ -185,22 +189,16 @@ def _expected_shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple
     return (rank, in_features), (out_features, rank)
 
 
-def _load_component(
-    model: nn.Module, component: str, file: AdapterFile, file_component: str
-) -> tuple[dict[str, int], bool, bool]:
-    """Load one component; returns (ranks by module, injected here, ν restored)."""
-    path, modules = file.path, file.adapter[file_component]
-    label = f"{path}: component {file_component or component!r}"
-    injected_layers = dict(lora_layers(model))
-    if injected_layers:
-        candidates = {name: layer.base_layer for name, layer in injected_layers.items()}
-    else:
-        candidates = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    table = resolver(list(candidates), is_flat_clip(model))
-    translated = _translate_sgm(file, model, [n for n in modules if table.get(n, table.get(underscore(n))) is None])
+def _resolve_modules(
+    file: AdapterFile, model: nn.Module, names: list[str], candidates: list[str], label: str, what: str
+) -> dict[str, str]:
+    """file module name → model module name among ``candidates`` (any spelling, ``names.resolver``; kohya SGM names
+    translated); ValueError naming the file for unknown, ambiguous or repeated modules."""
+    table = resolver(candidates, is_flat_clip(model))
+    translated = _translate_sgm(file, model, [n for n in names if table.get(n, table.get(underscore(n))) is None])
     resolved: dict[str, str] = {}
     unknown = []
-    for file_name in modules:
+    for file_name in names:
         spelling = translated.get(file_name, file_name)
         target = table.get(spelling, table.get(underscore(spelling), ""))
         if target is None:
@@ -212,10 +210,35 @@ def _load_component(
         else:
             resolved[file_name] = target
     if unknown:
-        what = "LoRA² layer" if injected_layers else "nn.Linear/nn.Conv2d module"
         raise ValueError(
             f"{label}: {len(unknown)} module(s) of the file match no {what} of {type(model).__name__}: {unknown[:5]}"
         )
+    return resolved
+
+
+def _check_fit(label: str, file_name: str, lora: LoraModule, base: nn.Module) -> None:
+    expected_down, expected_up = _expected_shapes(base, lora.rank)
+    if tuple(lora.down.shape) != expected_down or tuple(lora.up.shape) != expected_up:
+        raise ValueError(
+            f"{label}: module {file_name!r}: weights down {tuple(lora.down.shape)}, up "
+            f"{tuple(lora.up.shape)} do not fit {type(base).__name__} {tuple(base.weight.shape)} "
+            f"(expected {expected_down}, {expected_up})"
+        )
+
+
+def _load_component(
+    model: nn.Module, component: str, file: AdapterFile, file_component: str
+) -> tuple[dict[str, int], bool, bool]:
+    """Load one component; returns (ranks by module, injected here, ν restored)."""
+    path, modules = file.path, file.adapter[file_component]
+    label = f"{path}: component {file_component or component!r}"
+    injected_layers = dict(lora_layers(model))
+    if injected_layers:
+        candidates = {name: layer.base_layer for name, layer in injected_layers.items()}
+    else:
+        candidates = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    what = "LoRA² layer" if injected_layers else "nn.Linear/nn.Conv2d module"
+    resolved = _resolve_modules(file, model, list(modules), list(candidates), label, what)
     missing = sorted(set(injected_layers) - set(resolved.values()))
     if missing:
         raise ValueError(f"{label}: the file has no weights for {len(missing)} adapted module(s): {missing[:5]}")
@@ -225,13 +248,7 @@ def _load_component(
     raw = {underscore(name): value for name, value in ((file.raw or {}).get(file_component) or {}).items()}
     for file_name, name in resolved.items():
         lora, base = modules[file_name], candidates[name]
-        expected_down, expected_up = _expected_shapes(base, lora.rank)
-        if tuple(lora.down.shape) != expected_down or tuple(lora.up.shape) != expected_up:
-            raise ValueError(
-                f"{label}: module {file_name!r}: weights down {tuple(lora.down.shape)}, up "
-                f"{tuple(lora.up.shape)} do not fit {type(base).__name__} {tuple(base.weight.shape)} "
-                f"(expected {expected_down}, {expected_up})"
-            )
+        _check_fit(label, file_name, lora, base)
         if injected_layers:
             layer = injected_layers[name]
             if layer.merged:
@@ -247,7 +264,7 @@ def _load_component(
         names = sorted(resolved.values())
         max_rank = max(lora.rank for lora in modules.values())
         if "config" in described:
-            stored = LoRA2Config.from_dict(described["config"])
+            stored = header_config(path, file_component, described)
             config = LoRA2Config.from_dict(
                 {
                     **stored.to_dict(),
@@ -353,3 +370,59 @@ def load_lora(model: Models, path: str | Path, strict: bool = True) -> dict:
         "lora2": file.lora2,
         "metadata": (file.lora2 or {}).get("training", {}),
     }
+
+
+# formats that diffusers' ``pipe.load_lora_weights`` reads (a peft folder or lora2's training state it does not)
+PIPELINE_FORMATS = ("diffusers", "kohya")
+
+
+def _pipeline_file(path: Path) -> Path:
+    """What to give diffusers for ``path``: in a folder its diffusers file, else its kohya file; else ``path``
+    (``read_adapter`` then finds what the folder holds, or says why nothing)."""
+    if path.is_dir():
+        for fmt in PIPELINE_FORMATS:
+            if (path / FILE_NAMES[fmt]).is_file():
+                return path / FILE_NAMES[fmt]
+    return path
+
+
+def check_pipeline_lora(pipe, path: str | Path) -> AdapterFile:
+    """Check an adapter before diffusers' ``pipe.load_lora_weights``, with the checks of ``lora2 inspect``
+    (``read_adapter``: safetensors only, finite weights, LoRA pairs, names; DoRA magnitudes allowed), and every
+    module against the pipeline: it must name an nn.Linear/nn.Conv2d of a pipeline component with matching shapes.
+    ValueError naming the file (and module) otherwise; nothing is loaded."""
+    file = read_adapter(_pipeline_file(Path(path)), dora=True)
+    if file.format not in PIPELINE_FORMATS:
+        raise ValueError(
+            f"{file.path}: a {file.format} adapter, which diffusers' load_lora_weights does not read; give a "
+            f"diffusers or kohya file (lora2 merge {file.path} --format diffusers --out FILE converts it exactly)"
+        )
+    parts = {n: getattr(pipe, n) for n in KNOWN_COMPONENTS if isinstance(getattr(pipe, n, None), nn.Module)}
+    denoiser = "unet" if "unet" in parts else "transformer"
+    for file_component, modules in file.adapter.items():
+        component = file_component or denoiser
+        label = f"{file.path}: component {component!r}"
+        if component not in parts:
+            raise ValueError(f"{label} is not part of the pipeline {type(pipe).__name__} (it has {sorted(parts)})")
+        model = parts[component]
+        candidates = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        resolved = _resolve_modules(file, model, list(modules), list(candidates), label, "nn.Linear/nn.Conv2d module")
+        for file_name, name in resolved.items():
+            _check_fit(label, file_name, modules[file_name], candidates[name])
+    return file
+
+
+def load_pipeline_lora(pipe, path: str | Path) -> Path:
+    """``check_pipeline_lora``, then diffusers' own ``pipe.load_lora_weights`` of exactly the checked file; returns
+    it. An error diffusers still raises becomes a ValueError naming the file. diffusers' notice that a text encoder
+    has no LoRA keys is dropped for files that adapt no text encoder."""
+    file = check_pipeline_lora(pipe, path)
+    # diffusers warns for each text encoder the file does not adapt: noise when the file adapts none on purpose
+    adapts_text = any(is_text_encoder(component) for component in file.adapter)
+    try:
+        with nullcontext() if adapts_text else quiet_unet_lora_load():
+            pipe.load_lora_weights(str(file.path))
+    except (ValueError, KeyError, RuntimeError, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{file.path}: diffusers could not load it into {type(pipe).__name__}: {reason}") from error
+    return file.path

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import torch
 
-from lora2.export.adapter import Adapter, AdapterFile, LoraModule, check_module
+from lora2.export.adapter import FLOAT_DTYPES, Adapter, AdapterFile, LoraModule, check_module, check_shapes
 from lora2.export.files import parse_json_entry
 from lora2.export.keys import DIFFUSERS_METADATA_KEY, KNOWN_COMPONENTS, LORA2_HEADER_KEY, PEFT_PREFIX
-from lora2.export.names import PatternTable, pattern_key, target_name
+from lora2.export.names import PatternTable, check_names, pattern_key, target_name
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _ALPHA_KEY = re.compile(r"^(?P<module>.+)\.alpha$")
+# DoRA's magnitude vector m of a module (peft / diffusers spellings, with or without adapter name and ".weight")
+_MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 
 
 def lora_config_kwargs(component: str, modules: dict[str, LoraModule]) -> dict:
@@ -87,6 +89,16 @@ def module_scale(
     return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
+def _alpha_table(path: Path, component: str, config: dict) -> PatternTable:
+    patterns = config.get("alpha_pattern") or {}
+    try:
+        if not isinstance(patterns, dict):
+            raise TypeError(f"a JSON object is needed, got {type(patterns).__name__}")
+        return PatternTable(patterns)
+    except (TypeError, re.error) as error:
+        raise ValueError(f"{path}: alpha_pattern of component {component!r:.100} is unusable ({error})") from error
+
+
 def parse_lora_ab(
     path: Path,
     tensors: dict[str, torch.Tensor],
@@ -108,17 +120,20 @@ def parse_lora_ab(
             alphas[split_component(match["module"], peft_keys, known)] = float(value)
             continue
         raise ValueError(f"{path}: unsupported key {key!r} (expected <module>.lora_A.weight / lora_B.weight)")
-    tables = {component: PatternTable(config.get("alpha_pattern") or {}) for component, config in configs.items()}
+    tables = {component: _alpha_table(path, component, config) for component, config in configs.items()}
     adapter: Adapter = {}
     for (component, module), ab in sorted(pairs.items()):
         where = f"{path}: module {module!r}" + (f" of {component!r}" if component else "")
         if set(ab) != {"A", "B"}:
             missing = "lora_B" if "A" in ab else "lora_A"
             raise ValueError(f"{where}: {missing}.weight is missing")
-        rank = ab["A"].shape[0]
+        lora = LoraModule(ab["A"], ab["B"])
+        check_shapes(lora, where)  # rank >= 1 before the scale divides by it
         alpha = alphas.pop((component, module), None)
-        scale = module_scale(configs.get(component), tables.get(component), module, rank, alpha)
-        lora = LoraModule(ab["A"], ab["B"], scale)
+        try:
+            lora.scale = module_scale(configs.get(component), tables.get(component), module, lora.rank, alpha)
+        except (TypeError, ValueError, OverflowError) as error:
+            raise ValueError(f"{where}: unusable alpha/r in the header ({error})") from error
         check_module(lora, where)
         adapter.setdefault(component, {})[module] = lora
     if alphas:
@@ -127,15 +142,37 @@ def parse_lora_ab(
 
 
 def from_state_dict(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> AdapterFile:
-    """Read a diffusers-style file, with per-module scales from ``lora_adapter_metadata`` when present."""
+    """Read a diffusers-style file, with per-module scales from ``lora_adapter_metadata`` when present.
+
+    DoRA magnitude vectors (``<module>.lora_magnitude_vector``) are checked against their module and kept apart in
+    ``AdapterFile.magnitudes``; ``read_adapter`` refuses them unless asked for DoRA."""
     flat = parse_json_entry(path, header, DIFFUSERS_METADATA_KEY) or {}
     lora2 = parse_json_entry(path, header, LORA2_HEADER_KEY) or {}
+    components = lora2.get("components")
     # components named by the headers (e.g. "controlnet"), besides diffusers' usual ones
-    known = frozenset(key.rsplit(".", 1)[0] for key in flat if "." in key) | frozenset(lora2.get("components", {}))
+    known = frozenset(key.rsplit(".", 1)[0] for key in flat if "." in key)
+    known |= frozenset(components if isinstance(components, dict) else ())
     configs: dict[str, dict] = collections.defaultdict(dict)
     for key, value in flat.items():
         component, field = split_component(key, known=known)
         configs[component][field] = value
-    peft_keys = all(key.startswith(PEFT_PREFIX) for key in tensors)
-    adapter = parse_lora_ab(path, tensors, configs, peft_keys, known)
-    return AdapterFile(path, "diffusers", adapter, header=header)
+    magnitude_keys = {key for key in tensors if _MAGNITUDE_KEY.match(key)}
+    pairs = {key: value for key, value in tensors.items() if key not in magnitude_keys}
+    peft_keys = all(key.startswith(PEFT_PREFIX) for key in pairs)
+    adapter = parse_lora_ab(path, pairs, configs, peft_keys, known)
+    magnitudes: dict[str, dict[str, torch.Tensor]] = {}
+    for key in sorted(magnitude_keys):
+        component, module = split_component(_MAGNITUDE_KEY.match(key)["module"], peft_keys, known)
+        lora, magnitude = adapter.get(component, {}).get(module), tensors[key]
+        if lora is None:
+            raise ValueError(f"{path}: DoRA magnitude {key!r} has no lora_A/lora_B pair")
+        if tuple(magnitude.shape) != (lora.out_features,) or magnitude.dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{path}: DoRA magnitude {key!r} must be a float vector of {lora.out_features} entries, got "
+                f"{magnitude.dtype} {tuple(magnitude.shape)}"
+            )
+        if not torch.isfinite(magnitude).all():
+            raise ValueError(f"{path}: DoRA magnitude {key!r} contains NaN or Inf")
+        magnitudes.setdefault(component, {})[module] = magnitude
+    check_names(path, adapter)
+    return AdapterFile(path, "diffusers", adapter, header=header, magnitudes=magnitudes)

@@ -51,6 +51,15 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, header
 
 
+def inside(root: Path, *parts: str) -> Path:
+    """``root / parts``, refused (ValueError) unless it resolves inside ``root``: an absolute part, ``..`` or a
+    symbolic link out of ``root`` never makes a writer leave its output folder."""
+    target = Path(root).joinpath(*parts)
+    if not target.resolve().is_relative_to(Path(root).resolve()):
+        raise ValueError(f"{target}: resolves outside the output folder {root}; refusing to write there")
+    return target
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> Path:
     """Write tensors (made contiguous, on CPU) with a string-valued header."""
     path = Path(path)

@@ -8,11 +8,13 @@ from pathlib import Path
 import torch
 
 from lora2.export import diffusers, kohya, native, peft
-from lora2.export.adapter import Adapter, AdapterFile
-from lora2.export.files import read_safetensors, write_safetensors
+from lora2.export.adapter import Adapter, AdapterFile, check_module
+from lora2.export.files import inside, read_safetensors, write_safetensors
 from lora2.export.keys import DIRECTORY_PREFERENCE, FILE_NAMES, FORMATS, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
 from lora2.export.metadata import parse_header
-from lora2.export.names import underscore
+from lora2.export.names import check_names, underscore
+
+PEFT_FILES = (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)
 
 logger = logging.getLogger(__name__)
 
@@ -30,22 +32,43 @@ def output_path(path: str | Path, fmt: str) -> Path:
         if path.suffix == ".safetensors":
             raise ValueError(f"{path}: the peft format is a directory (adapter_config.json + weights), not a file")
         return path
-    return path if path.suffix == ".safetensors" else path / FILE_NAMES[fmt]
+    return path if path.suffix == ".safetensors" else inside(path, FILE_NAMES[fmt])
+
+
+def planned_files(adapter: Adapter, path: str | Path, fmt: str) -> list[Path]:
+    """The files ``write_adapter`` would write (peft: config and weights of each component directory)."""
+    target = output_path(path, fmt)
+    if fmt != "peft":
+        return [target]
+    return [d / name for d in peft.component_dirs(target, adapter).values() for name in PEFT_FILES]
 
 
 def write_adapter(adapter: Adapter, path: str | Path, fmt: str, header: dict[str, str], dtype: torch.dtype) -> Path:
-    """Write a (non-native) adapter; ``header`` holds extra safetensors header entries (e.g. the lora2 entry)."""
+    """Write a (non-native) adapter; ``header`` holds extra safetensors header entries (e.g. the lora2 entry).
+
+    Names are checked like a file's (``names.check_names``), every module like a read one (finite, shapes), and the
+    files land under ``path`` (``files.inside``); ValueError naming ``path`` otherwise, before anything is written.
+    """
     check_format(fmt)
     if fmt == "lora2":
         raise ValueError("the lora2-native format stores training state; save it from a model with save_lora")
     if not adapter or not any(adapter.values()):
         raise ValueError(f"{path}: nothing to write (the adapter has no modules)")
+    check_names(path, adapter)
+    for component, modules in adapter.items():
+        for name, module in modules.items():
+            check_module(module, f"{path}: module {name!r} of {component!r}")
     target = output_path(path, fmt)
-    if fmt == "peft":
-        return peft.write(target, adapter, dtype, header)
-    writer = diffusers if fmt == "diffusers" else kohya
-    tensors, entries = writer.to_state_dict(adapter, dtype)
-    return write_safetensors(target, tensors, {**entries, **header})
+    try:
+        if fmt == "peft":
+            return peft.write(target, adapter, dtype, header)
+        writer = diffusers if fmt == "diffusers" else kohya
+        tensors, entries = writer.to_state_dict(adapter, dtype)
+        return write_safetensors(target, tensors, {**entries, **header})
+    except OSError as error:
+        raise ValueError(f"{target}: cannot write ({error})") from error
+    except ValueError as error:  # a writer's limit (e.g. a component kohya has no prefix for): name the output
+        raise ValueError(f"{target}: {error}") from error
 
 
 def _read_file(path: Path) -> AdapterFile:
@@ -79,11 +102,32 @@ def _find_in_directory(path: Path) -> Path:
     )
 
 
-def read_adapter(path: str | Path) -> AdapterFile:
-    """Read an adapter file or directory in any supported format (safetensors only; pickles are refused)."""
+def read_adapter(path: str | Path, dora: bool = False) -> AdapterFile:
+    """Read an adapter file or directory in any supported format (safetensors only; pickles are refused).
+
+    Every file gets the same checks: safetensors content, known keys, LoRA pairs of rank >= 1 with finite float
+    weights, identifier-like component and module names (``names.check_name``). ``dora``: accept DoRA magnitude
+    vectors (for loading into a pipeline); without it a DoRA file is refused, since its update is not up @ down.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
+    try:
+        file = _read(path)
+    except (FileNotFoundError, ValueError):
+        raise
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read ({error})") from error
+    if file.magnitudes and not dora:
+        raise ValueError(
+            f"{file.path}: a DoRA adapter (lora_magnitude_vector keys): its update is not up @ down, which "
+            "inspect, merge, resize and load_lora work on"
+        )
+    logger.debug("read %s adapter %s with components %s", file.format, file.path, list(file.adapter))
+    return file
+
+
+def _read(path: Path) -> AdapterFile:
     if path.is_dir():
         found = _find_in_directory(path)
         file = peft.read(found) if found.is_dir() else _read_file(found)
@@ -96,7 +140,6 @@ def read_adapter(path: str | Path) -> AdapterFile:
         _restore_dotted_names(file)
     if set(file.adapter) == {""} and len(described) == 1:
         file.adapter = {described[0]: file.adapter[""]}
-    logger.debug("read %s adapter %s with components %s", file.format, file.path, list(file.adapter))
     return file
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from lora2.export.adapter import Adapter, AdapterFile, LoraModule, check_module
+from lora2.export.adapter import Adapter, AdapterFile, LoraModule, check_module, check_shapes
 from lora2.export.keys import KOHYA_ALPHA, KOHYA_DOWN, KOHYA_PREFIXES, KOHYA_READ_PREFIXES, KOHYA_UP
-from lora2.export.names import underscore
+from lora2.export.names import check_names, underscore
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +116,12 @@ def from_state_dict(path: Path, tensors: dict[str, torch.Tensor], header: dict[s
         alpha = parts.get(KOHYA_ALPHA)
         if alpha is not None and alpha.numel() != 1:
             raise ValueError(f"{where}: alpha must be a scalar, got shape {tuple(alpha.shape)}")
+        check_shapes(LoraModule(down, up), where)  # rank >= 1 before the scale divides by it
         scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
         lora = LoraModule(down, up, scale)
         check_module(lora, where)
         adapter.setdefault(component, {})[module] = lora
+    check_names(path, adapter)
     return AdapterFile(path, "kohya", adapter, header=header)
 
 

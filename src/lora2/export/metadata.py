@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lora2.export.files import parse_json_entry
 from lora2.export.keys import LORA2_HEADER_KEY, LORA2_HEADER_VERSION
+from lora2.export.names import check_names
 
 
 def lora2_version() -> str:
@@ -57,7 +58,11 @@ def parse_header(path: Path, header: dict[str, str]) -> dict | None:
     if entry.get("lora2_header") != LORA2_HEADER_VERSION or not isinstance(entry.get("components"), dict):
         raise ValueError(f"{path}: unsupported lora2 header (lora2_header={entry.get('lora2_header')!r})")
     for component, info in entry["components"].items():
-        for name, module in (info.get("modules") or {}).items():
+        modules = info.get("modules", {}) if isinstance(info, dict) else None
+        if not isinstance(modules, dict) or not all(isinstance(m, dict) for m in modules.values()):
+            raise ValueError(f"{path}: lora2 header: component {component!r:.100} must be an object of module objects")
+        check_names(path, {component: modules})
+        for name, module in modules.items():
             log_nu = module.get("log_nu")
             if log_nu is not None and not (isinstance(log_nu, (int, float)) and math.isfinite(log_nu)):
                 raise ValueError(f"{path}: module {name!r} of {component!r}: log_nu {log_nu!r} is not a finite number")

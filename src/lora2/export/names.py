@@ -9,10 +9,39 @@ and peft patterns use the spelling without it, which matches either layout by su
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 from torch import nn
 
 TEXT_MODEL = "text_model."
+# A component or module name read from a file: dot-separated parts of letters, digits and underscores (every
+# diffusers, transformers and kohya module name). No "/" or "\\", no "..", no empty part, nothing absolute.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+_MAX_NAME = 1000
+
+
+def check_name(path: str | Path, name: object, what: str) -> str:
+    """``name`` if it is identifier-like (see ``_SAFE_NAME``), else ValueError naming the file.
+
+    Every reader passes the component and module names of a file through here before they reach a path (peft
+    writes one folder per component) or a module lookup, so a name read from a file never decides where lora2
+    writes.
+    """
+    if not isinstance(name, str) or len(name) > _MAX_NAME or not _SAFE_NAME.fullmatch(name):
+        raise ValueError(
+            f"{path}: {what} name {name!r:.100} is not allowed (dot-separated letters, digits and underscores only)"
+        )
+    return name
+
+
+def check_names(path: str | Path, components: Mapping[str, Iterable[str]]) -> None:
+    """``check_name`` on every component (``""``, the model itself, allowed) and module name of ``components``."""
+    for component, modules in components.items():
+        if component != "":
+            check_name(path, component, "component")
+        for module in modules:
+            check_name(path, module, f"module (of component {component!r:.100})")
 
 
 def is_text_encoder(component: str) -> bool:

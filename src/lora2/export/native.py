@@ -10,11 +10,13 @@ tools treat it as the LoRA pair (A, s·BΛ).
 from __future__ import annotations
 
 import collections
+import math
 from pathlib import Path
 
 import torch
 
-from lora2.export.adapter import Adapter, AdapterFile, LoraModule, check_module
+from lora2.export.adapter import FLOAT_DTYPES, Adapter, AdapterFile, LoraModule, check_module, check_shapes
+from lora2.export.names import check_names
 from lora2.lora.config import LoRA2Config
 from lora2.lora.layer import bake_up, scaled_importance
 
@@ -53,10 +55,27 @@ def from_state_dict(path: Path, tensors: dict[str, torch.Tensor], header: dict[s
         if missing:
             raise ValueError(f"{where}: {missing} missing")
         a, b, log_nu = parts[".lora_A"], parts[".lora_B"], parts[".log_nu"]
-        config = LoRA2Config.from_dict(info["config"])
+        check_shapes(LoraModule(a, b), where)
+        if log_nu.numel() != 1 or log_nu.dtype not in FLOAT_DTYPES or not torch.isfinite(log_nu).all():
+            raise ValueError(f"{where}: log_nu must be one finite float, got {log_nu.dtype} {tuple(log_nu.shape)}")
+        config = header_config(path, component, info)
         up = bake_up(b.double(), scaled_importance(log_nu.double(), a.shape[0], config))  # (d_out, D[, 1, 1])
         module = LoraModule(a, up.float())
         check_module(module, where)
         adapter.setdefault(component, {})[name] = module
-        raw.setdefault(component, {})[name] = (a, b, log_nu)
+        raw.setdefault(component, {})[name] = (a, b, log_nu.reshape(()))
+    check_names(path, adapter)
     return AdapterFile(path, "lora2", adapter, lora2=lora2, raw=raw, header=header)
+
+
+def header_config(path: Path, component: str, info: dict) -> LoRA2Config:
+    """The LoRA2Config stored for a component in a lora2 header; ValueError naming the file if it is unusable."""
+    try:
+        config = LoRA2Config.from_dict(info["config"])
+        if not math.isfinite(config.scaling):
+            raise ValueError(f"scale {config.scaling} is not finite")
+        return config
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as error:
+        raise ValueError(
+            f"{path}: component {component!r}: unusable LoRA2Config in the lora2 header ({error})"
+        ) from error

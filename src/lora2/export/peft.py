@@ -14,8 +14,9 @@ import torch
 
 from lora2.export.adapter import Adapter, AdapterFile, LoraModule
 from lora2.export.diffusers import lora_config_kwargs, parse_lora_ab
-from lora2.export.files import read_safetensors, write_safetensors
+from lora2.export.files import inside, read_safetensors, write_safetensors
 from lora2.export.keys import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME
+from lora2.export.names import check_names
 
 
 def write_component(
@@ -35,14 +36,18 @@ def write_component(
     write_safetensors(directory / PEFT_WEIGHTS_NAME, tensors, header)
 
 
+def component_dirs(path: Path, adapter: Adapter) -> dict[str, Path]:
+    """Where each component is written: ``path`` itself for a single component, else ``path/<component>``, which
+    must resolve inside ``path`` (component names come from files)."""
+    if len(adapter) == 1:
+        return {next(iter(adapter)): path}
+    return {component: inside(path, component) for component in adapter}
+
+
 def write(path: Path, adapter: Adapter, dtype: torch.dtype, header: dict[str, str]) -> Path:
     """Write one directory (single component) or one sub-directory per component."""
-    if len(adapter) == 1:
-        ((component, modules),) = adapter.items()
-        write_component(path, component, modules, dtype, header)
-    else:
-        for component, modules in adapter.items():
-            write_component(path / component, component, modules, dtype, header)
+    for component, directory in component_dirs(path, adapter).items():
+        write_component(directory, component, adapter[component], dtype, header)
     return path
 
 
@@ -56,8 +61,10 @@ def read_component(directory: Path, component: str) -> tuple[dict[str, LoraModul
     config_path = directory / PEFT_CONFIG_NAME
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{config_path}: not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: must hold a JSON object, got {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
     if config.get("use_dora"):
@@ -82,4 +89,5 @@ def read(path: Path) -> AdapterFile:
         for sub in sorted(path.iterdir()):
             if (sub / PEFT_CONFIG_NAME).is_file():
                 adapter[sub.name], header = read_component(sub, sub.name)
+    check_names(path, adapter)
     return AdapterFile(path, "peft", adapter, header=header)

@@ -11,6 +11,7 @@ terms of those. Recompression then truncates each merged ΔW by SVD (``recompres
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +26,38 @@ from lora2.tools.output import output_format, write_result
 from lora2.tools.svd import lowrank_svd, truncate
 
 
-def merge_adapters(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) -> Adapter:
+def check_weights(weights: Sequence[float], count: int) -> None:
+    """One finite weight per adapter, else ValueError naming the value."""
+    if len(weights) != count:
+        raise ValueError(f"got {len(weights)} weights for {count} adapters")
+    for index, weight in enumerate(weights):
+        if not math.isfinite(weight):
+            raise ValueError(f"weight {index + 1} of --weights must be a finite number, got {weight!r}")
+
+
+def check_rank_options(rank_budget: int | None, max_rank: int | None, energy: float | None) -> None:
+    """The recompression settings: ranks are integers >= 1, energy lies in (0, 1]; ValueError naming the value."""
+    for name, value in (("rank_budget (--rank-budget)", rank_budget), ("max_rank (--max-rank)", max_rank)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must lie in (0, 1] (--energy), got {energy!r}")
+
+
+def merge_adapters(
+    adapters: Sequence[Adapter], weights: Sequence[float] | None = None, names: Sequence[str] | None = None
+) -> Adapter:
     """Exact merge Σ_i w_i ΔW_i by rank concatenation (weights default to 1).
 
     Modules are matched per component by name, dots and underscores alike (a kohya file and a diffusers file of
-    the same model match). Raises ValueError when a module's shapes differ between adapters.
+    the same model match). Raises ValueError when a module's shapes differ between adapters, naming the adapter by
+    ``names`` (e.g. its file) or its index.
     """
     if not adapters:
         raise ValueError("merge needs at least one adapter")
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise ValueError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    check_weights(weights, len(adapters))
+    names = list(names) if names is not None else [f"adapter {index}" for index in range(len(adapters))]
     terms: dict[tuple[str, str], list[tuple[str, LoraModule, float]]] = {}
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
         for component, modules in adapter.items():
@@ -44,7 +66,7 @@ def merge_adapters(adapters: Sequence[Adapter], weights: Sequence[float] | None 
                 first = terms[(component, underscore(name))][0][1]
                 if first.down.shape[1:] != module.down.shape[1:] or first.out_features != module.out_features:
                     raise ValueError(
-                        f"adapter {index}: module {name!r} of {component!r} has shapes down "
+                        f"{names[index]}: module {name!r} of {component!r} has shapes down "
                         f"{tuple(module.down.shape)}, up {tuple(module.up.shape)}, which do not match "
                         f"{tuple(first.down.shape)}, {tuple(first.up.shape)} of an earlier adapter"
                     )
@@ -68,10 +90,7 @@ def recompress(
     rank_budget: total rank over all modules, at least one per module; the k's minimise the total squared error
         Σ_modules Σ_{i>k} σ_i², i.e. keep the globally largest singular values.
     """
-    if energy is not None and not 0.0 < energy <= 1.0:
-        raise ValueError(f"energy must lie in (0, 1], got {energy!r}")
-    if max_rank is not None and max_rank < 1:
-        raise ValueError(f"max_rank must be >= 1, got {max_rank!r}")
+    check_rank_options(rank_budget, max_rank, energy)
     entries = [(c, n, m) for c, modules in adapter.items() for n, m in modules.items()]
     if rank_budget is not None and rank_budget < len(entries):
         raise ValueError(f"rank_budget {rank_budget} is below one rank per module ({len(entries)} modules)")
@@ -122,11 +141,18 @@ class MergeSpec:
     format: str | None = None
     dtype: str = "fp32"
 
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("merge needs at least one input")
+        if self.weights is not None:
+            check_weights([float(w) for w in self.weights], len(self.inputs))
+        check_rank_options(self.rank_budget, self.max_rank, self.energy)
+
 
 def merge_files(spec: MergeSpec) -> Path:
     """Read the inputs, merge exactly, recompress if asked, write ``spec.out`` (input's format by default)."""
     files = [read_adapter(path) for path in spec.inputs]
-    merged = merge_adapters([f.adapter for f in files], spec.weights)
+    merged = merge_adapters([f.adapter for f in files], spec.weights, [str(f.path) for f in files])
     if spec.rank_budget is not None or spec.max_rank is not None or spec.energy is not None:
         merged = recompress(merged, spec.rank_budget, spec.max_rank, spec.energy)
     step = {

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lora2.export.adapter import Adapter, AdapterFile
-from lora2.export.formats import write_adapter
+from lora2.export.formats import planned_files, write_adapter
 from lora2.export.metadata import build_header
 
 logger = logging.getLogger(__name__)
@@ -23,12 +23,26 @@ def output_format(inputs: list[AdapterFile], fmt: str | None) -> str:
     return "diffusers" if inputs[0].format == "lora2" else inputs[0].format
 
 
+def check_not_inputs(targets: list[Path], inputs: list[AdapterFile], out: str | Path) -> None:
+    """ValueError when an output file would replace an input file or land inside an input (peft) directory,
+    comparing resolved paths (symbolic links and ``..`` followed)."""
+    sources = [Path(file.path).resolve() for file in inputs]
+    for target in targets:
+        resolved = target.resolve()
+        for source in sources:
+            if resolved == source or source in resolved.parents:
+                raise ValueError(
+                    f"--out {out}: writing {target} would overwrite the input {source}; choose another --out"
+                )
+
+
 def write_result(
     adapter: Adapter, out: str | Path, fmt: str, inputs: list[AdapterFile], step: dict, dtype: str = "fp32"
 ) -> Path:
     """Write ``adapter`` with a lora2 header: ranks per module, the inputs' training settings, the history."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    check_not_inputs(planned_files(adapter, out, fmt), inputs, out)
     first = inputs[0].lora2 or {}
     components = {
         component: {"modules": {name: {"rank": module.rank} for name, module in modules.items()}}

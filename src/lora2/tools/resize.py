@@ -13,6 +13,7 @@ below 1e-6 (a zero update) gets k = 1. The result is the best rank-k approximati
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,21 +29,30 @@ METHODS = ("fixed", "sv_ratio", "sv_fro", "sv_cumulative")
 MIN_SV = 1e-6
 
 
-def new_rank(s: torch.Tensor, method: str, param: float) -> int:
-    """The rank a criterion keeps for singular values ``s`` (descending)."""
+def check_resize_options(method: str, param: float, max_rank: int | None = None) -> None:
+    """The criterion and its parameter (fixed: a rank >= 1; sv_ratio: >= 1; sv_fro, sv_cumulative: in (0, 1]) and
+    the rank cap (an integer >= 1); ValueError naming the value."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    finite = isinstance(param, (int, float)) and math.isfinite(param)
+    if method == "fixed" and not (finite and param >= 1 and param == int(param)):
+        raise ValueError(f"fixed rank (--param) must be a positive integer, got {param!r}")
+    if method == "sv_ratio" and not (finite and param >= 1):
+        raise ValueError(f"sv_ratio (--param, σ_max / σ_min kept) must be >= 1, got {param!r}")
+    if method in ("sv_fro", "sv_cumulative") and not (finite and 0 < param <= 1):
+        raise ValueError(f"{method} fraction must lie in (0, 1], got {param!r} (--param)")
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
+        raise ValueError(f"max_rank (--max-rank) must be a positive integer, got {max_rank!r}")
+
+
+def new_rank(s: torch.Tensor, method: str, param: float) -> int:
+    """The rank a criterion keeps for singular values ``s`` (descending)."""
+    check_resize_options(method, param)
     if method == "fixed":
-        if param < 1 or param != int(param):
-            raise ValueError(f"fixed rank must be a positive integer, got {param!r}")
         rank = int(param)
     elif method == "sv_ratio":
-        if not param >= 1:
-            raise ValueError(f"sv_ratio must be >= 1 (σ_max / σ_min kept), got {param!r}")
         rank = int((s > s[0] / param).sum())
     else:
-        if not 0 < param <= 1:
-            raise ValueError(f"{method} fraction must lie in (0, 1], got {param!r}")
         values, target = (s, param) if method == "sv_cumulative" else (s.square(), param**2)
         fraction = torch.cumsum(values, 0) / values.sum()  # (k,)
         rank = int(torch.searchsorted(fraction, torch.tensor(target - 1e-12, dtype=fraction.dtype))) + 1
@@ -55,6 +65,7 @@ def resize_adapter(
     adapter: Adapter, method: str, param: float, max_rank: int | None = None
 ) -> tuple[Adapter, dict[str, dict[str, dict]]]:
     """Resize every module; returns the new adapter and per module {old_rank, new_rank, fro_retained, sum_retained}."""
+    check_resize_options(method, param, max_rank)
     resized: Adapter = {}
     report: dict[str, dict[str, dict]] = {}
     entries = [(c, n, m) for c, modules in adapter.items() for n, m in modules.items()]
@@ -86,11 +97,12 @@ class ResizeSpec:
     format: str | None = None
     dtype: str = "fp32"
 
+    def __post_init__(self) -> None:
+        check_resize_options(self.method, self.param, self.max_rank)
+
 
 def resize_file(spec: ResizeSpec) -> tuple[Path, dict]:
     """Resize an adapter file; the output (input's format by default) records the new ranks in its lora2 header."""
-    if spec.method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {spec.method!r}")
     file = read_adapter(spec.input)
     resized, report = resize_adapter(file.adapter, spec.method, spec.param, spec.max_rank)
     step = {

@@ -10,6 +10,8 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from lora2.export.api import load_pipeline_lora
+from lora2.logs import quiet_pipeline_load
 from lora2.train.model import resolve_base
 
 logger = logging.getLogger(__name__)
@@ -47,13 +49,18 @@ class GenerateConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)!r}")
 
 
-def load_pipeline(base: str, lora: str | None, device: torch.device) -> DiffusionPipeline:
-    """The base pipeline in fp32 with the adapter loaded through diffusers' own loader."""
-    pipe = DiffusionPipeline.from_pretrained(resolve_base(base), torch_dtype=torch.float32)
+def load_pipeline(
+    base: str, lora: str | Path | None, device: torch.device, dtype: torch.dtype = torch.float32
+) -> DiffusionPipeline:
+    """The base pipeline with the adapter loaded through diffusers' own loader, after the file checks of
+    ``lora2 inspect`` and a check of every module's name and shape against the pipeline (``load_pipeline_lora``).
+    Used by ``lora2 generate`` and ``lora2 eval``."""
+    if lora is not None and not Path(lora).exists():
+        raise ValueError(f"LoRA file not found: {lora}")
+    with quiet_pipeline_load():
+        pipe = DiffusionPipeline.from_pretrained(resolve_base(base), torch_dtype=dtype)
     if lora is not None:
-        if not Path(lora).exists():
-            raise ValueError(f"LoRA file not found: {lora}")
-        pipe.load_lora_weights(lora)
+        load_pipeline_lora(pipe, lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

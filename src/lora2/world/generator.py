@@ -561,6 +561,8 @@ def write_samples(out: Path, n: int = 64, seed: int = 0, size: int = 64, held_ou
     """Write ``n`` world images as one grid (``out/grid.png``, row-major) with ``out/captions.txt`` (one a line)."""
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
+    if size < 1:
+        raise ValueError(f"size (--size) must be a positive number of pixels, got {size}")
     images, captions, _ = sample_batch(n, seed, size, held_out)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)

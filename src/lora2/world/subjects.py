@@ -437,6 +437,10 @@ def write_subjects(root: Path, size: int = 128, quality: int = 95) -> Path:
         size: image side in pixels (training code resizes, as for the DreamBooth photographs).
         quality: JPEG quality.
     """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size (--size) must be a positive number of pixels, got {size!r}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must lie in [1, 100], got {quality!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     records = []
