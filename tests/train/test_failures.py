@@ -11,6 +11,7 @@ import pytest
 from train_helpers import fast_config
 
 from lora2.cli import main
+from lora2.lockfile import HOST, process_start
 from lora2.train import recipe
 from lora2.train.recipe import TrainingDiverged, train
 from lora2.train.run_folder import LOCK
@@ -78,7 +79,7 @@ def test_two_trainers_never_share_a_folder(tiny_base, instance_dir, tmp_path, ca
     out = tmp_path / "run"
     out.mkdir()
     (out / ".lora2-run.json").write_text('{"lora2_run": 1, "written": []}')
-    (out / LOCK).write_text(json.dumps({"pid": 1, "host": __import__("socket").gethostname()}))  # pid 1 is alive
+    (out / LOCK).write_text(json.dumps({"host": HOST, "pids": [[1, process_start(1)]]}))  # pid 1 is alive
     assert main(_argv(tiny_base, instance_dir, out)) == 2
     assert "in use by another lora2 train" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == [".lora2-run.json", LOCK]

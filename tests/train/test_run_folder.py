@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from lora2.lockfile import HOST, process_start
 from lora2.train.run_folder import LOCK, MARKER, RunFolder, RunFolderError
 
 
@@ -49,18 +50,19 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, caplog):
     folder = RunFolder(tmp_path)
     holder = subprocess.Popen(["sleep", "30"])
     try:
-        (tmp_path / LOCK).write_text(json.dumps({"pid": holder.pid, "host": __import__("socket").gethostname()}))
-        with pytest.raises(RunFolderError, match=f"in use by another lora2 train \\(process {holder.pid}\\)"):
+        record = {"host": HOST, "pids": [[holder.pid, process_start(holder.pid)]]}
+        (tmp_path / LOCK).write_text(json.dumps(record))
+        with pytest.raises(RunFolderError, match=f"in use by another lora2 train \\(process \\[{holder.pid}\\]\\)"):
             with folder.locked():
                 pass
     finally:
         holder.kill()
         holder.wait()
     with caplog.at_level(logging.WARNING), folder.locked():
-        assert json.loads((tmp_path / LOCK).read_text())["pid"] != holder.pid
-    assert "taking over the lock" in caplog.text and not (tmp_path / LOCK).exists()
-    (tmp_path / LOCK).write_text(json.dumps({"pid": 1, "host": "another-host"}))
-    with pytest.raises(RunFolderError, match="locked by process 1 on host another-host"):
+        assert json.loads((tmp_path / LOCK).read_text())["pids"][0][0] != holder.pid
+    assert "stale lock" in caplog.text and not (tmp_path / LOCK).exists()
+    (tmp_path / LOCK).write_text(json.dumps({"pids": [[1, ""]], "host": "another-host"}))
+    with pytest.raises(RunFolderError, match="locked by process \\[1\\] on host another-host"):
         with folder.locked():
             pass
 

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from lora2.data import load_subject, load_subjects
 from lora2.eval.evaluate import adapter_summary, default_base, resolve_evaluators, world_info
-from lora2.eval.lockfile import LockFile, die_with_parent
+from lora2.lockfile import LockFile, die_with_parent
 from lora2.train.run_folder import CONFIG_FILE, MAIN_ADAPTER
 
 logger = logging.getLogger(__name__)

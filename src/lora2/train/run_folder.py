@@ -30,13 +30,12 @@ import json
 import logging
 import os
 import shutil
-import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from lora2.export.keys import FILE_NAMES
+from lora2.lockfile import HOST, LockFile
 
 logger = logging.getLogger(__name__)
 
@@ -77,16 +76,6 @@ class RunFolderError(ValueError):
 
 def _is_layout(name: str) -> bool:
     return name in LAYOUT or name.startswith(CHECKPOINT_PREFIX)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunFolder:
@@ -214,42 +203,23 @@ class RunFolder:
     # ------------------------------------------------------------------ lock
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the folder's lock for the duration (one trainer per folder); a lock left by a dead process on this
-        host is taken over with a warning, a live one (or one of another host) is a ``RunFolderError``."""
+        """Hold the folder's lock for the duration (one trainer per folder): a live holder (or one on another host,
+        which cannot be checked) is a ``RunFolderError``; the lock of a process that has ended is taken over."""
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / LOCK
-        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        while True:
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_stale_lock(path, mine)
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(mine, handle)
-            break
+        lock = LockFile(self.root / LOCK)
+        holder = lock.acquire(command="lora2 train")
+        if holder is not None:
+            pids = [pid for pid, _ in holder.get("pids", [])]
+            if holder.get("host") != HOST:
+                raise RunFolderError(
+                    f"{self.root} is locked by process {pids} on host {holder.get('host')}: another lora2 train may "
+                    f"be writing there (remove {lock.path} if that run is gone)"
+                )
+            raise RunFolderError(f"{self.root} is in use by another lora2 train (process {pids}); wait for it to end")
         try:
             yield
         finally:
-            path.unlink(missing_ok=True)
-
-    def _take_stale_lock(self, path: Path, mine: dict) -> None:
-        try:
-            held = json.loads(path.read_text(encoding="utf-8"))
-            pid, host = int(held["pid"]), str(held["host"])
-        except (OSError, ValueError, KeyError, TypeError):
-            logger.warning("%s: unreadable lock file, taking it over", path)
-            path.unlink(missing_ok=True)
-            return
-        if host != mine["host"]:
-            raise RunFolderError(
-                f"{self.root} is locked by process {pid} on host {host}: another lora2 train may be writing there "
-                f"(remove {path} if that run is gone)"
-            )
-        if _pid_alive(pid) and pid != mine["pid"]:
-            raise RunFolderError(f"{self.root} is in use by another lora2 train (process {pid}); wait for it to end")
-        logger.warning("%s: taking over the lock of process %d, which has ended", self.root, pid)
-        path.unlink(missing_ok=True)
+            lock.release()
 
     # ------------------------------------------------------------------ the step log
     def append_log(self, record: dict) -> None:

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from lora2.eval.lockfile import HOST, LockFile, alive, process_start
+from lora2.lockfile import HOST, LockFile, alive, process_start
 
 
 def _finished_pid() -> int:
