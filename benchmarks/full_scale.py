@@ -677,11 +677,11 @@ class Outcome:
     extra: dict = field(default_factory=dict)
 
 
-def _failure(process: dict, log: Path, what: str) -> str | None:
+def _failure(process: dict, log: Path, what: str, expected_rc: int = 0) -> str | None:
     if process["timed_out"]:
         return f"{what} timed out after {process['wall_s']:.0f} s\n{log_tail(log)}"
-    if process["rc"] != 0:
-        return f"{what} exited with {process['rc']}\n{log_tail(log)}"
+    if process["rc"] != expected_rc:
+        return f"{what} exited with {process['rc']} (expected {expected_rc})\n{log_tail(log)}"
     return None
 
 
@@ -723,7 +723,7 @@ def _resume(setup: Setup, row: Row, row_dir: Path, env: dict, log: Path) -> Outc
     interrupted = run_process(first, log, env, setup.row_timeout, watch)
     checkpoints = sorted(int(p.name[11:]) for p in run_dir.glob("checkpoint-*") if p.name[11:].isdigit())
     stopped = checkpoints[-1] if checkpoints else None
-    error = _failure(interrupted, log, "lora2 train (until SIGTERM)")
+    error = _failure(interrupted, log, "lora2 train (until SIGTERM)", expected_rc=143 if sent else 0)
     if error is None and not sent:
         error = f"the run ended before step {stop_at}, no SIGTERM sent"
     elif error is None and (stopped is None or stopped >= setup.steps):

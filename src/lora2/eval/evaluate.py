@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import statistics
 import time
@@ -19,12 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from lora2.data import Subject, load_subject
 from lora2.eval.metrics import DEFAULT_CLIP, DEFAULT_DINO, ClipEncoder, DinoEncoder, SubjectScorer
-from lora2.export.files import check_safetensors
+from lora2.tools.inspect import inspect_file
 from lora2.train.generate import load_pipeline as generate_pipeline
 from lora2.train.run_folder import RunFolder, read_run_config
 
@@ -32,15 +30,6 @@ logger = logging.getLogger(__name__)
 
 METRICS = ("dino", "clip_i", "clip_t")
 GIB = 2**30
-_DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight", ".lora_A.default.weight")
-_UP_SUFFIXES = (".lora_B.weight", ".lora_up.weight", ".lora.up.weight", ".lora_B.default.weight")
-_PREFIXES = ("unet.", "base_model.model.", "lora_unet_", "model.")
-# DoRA's magnitude vectors m (one per output feature; diffusers / peft spellings): part of the adapter's size
-_MAGNITUDE_SUFFIXES = (
-    ".lora_magnitude_vector",
-    ".lora_magnitude_vector.weight",
-    ".lora_magnitude_vector.default.weight",
-)
 
 
 @dataclass
@@ -88,49 +77,29 @@ class EvalConfig:
 
 
 # ---------------------------------------------------------------------- adapter files
-def _module_name(key: str, suffix: str) -> str:
-    name = key[: -len(suffix)]
-    for prefix in _PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix) :]
-    return name
-
-
 def adapter_summary(path: str | Path) -> dict:
-    """Ranks and size of a LoRA file: ``{"ranks": {module: r}, "parameters", "size_gb_fp32", "mean_rank", ...}``.
+    """Ranks and size of a LoRA file (``lora2 inspect``'s report): ``{"ranks": {module: r}, "parameters",
+    "size_gb_fp32", "mean_rank", ...}``.
 
-    The rank of a module is the row count of its down matrix; size counts the LoRA matrices (and DoRA's magnitude
-    vectors) in fp32, in GiB (2**30 bytes, the unit of the paper's "2.8 GB" for rank 512 on SDXL). Text-encoder
-    modules are counted too and listed with their prefix. AdaLoRA runs are written as the equivalent plain LoRA of
-    their final ranks, so their ranks here are those its budget allocation kept.
+    UNet modules are named as in the UNet, modules of other components with their prefix (``text_encoder.…``). Size
+    counts the LoRA matrices (and DoRA's magnitude vectors) in fp32, in GiB (2**30 bytes, the unit of the paper's
+    "2.8 GB" for rank 512 on SDXL). AdaLoRA runs are written as the equivalent plain LoRA of their final ranks, so
+    their ranks here are those its budget allocation kept. ``ValueError`` naming the file for anything unreadable.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"adapter file not found: {path}")
-    check_safetensors(path)
-    ranks: dict[str, int] = {}
-    parameters = 0
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path}: corrupt or truncated safetensors file ({error})") from error
-    for key, shape in shapes.items():
-        if key.endswith(_DOWN_SUFFIXES + _UP_SUFFIXES + _MAGNITUDE_SUFFIXES):
-            parameters += math.prod(shape)
-        for suffix in _DOWN_SUFFIXES:
-            if key.endswith(suffix) and shape:
-                ranks[_module_name(key, suffix)] = int(shape[0])
-    if not ranks:
-        raise ValueError(f"{path} holds no LoRA matrices (keys ending in {_DOWN_SUFFIXES})")
+    report = inspect_file(path)
+    ranks = {
+        row["module"] if row["component"] in ("unet", "") else f"{row['component']}.{row['module']}": row["rank"]
+        for row in report["modules"]
+    }
+    totals = report["totals"]
     return {
         "file": str(path),
         "ranks": dict(sorted(ranks.items())),
-        "num_modules": len(ranks),
-        "total_rank": sum(ranks.values()),
-        "mean_rank": sum(ranks.values()) / len(ranks),
-        "parameters": parameters,
-        "size_gb_fp32": parameters * 4 / GIB,
+        "num_modules": totals["modules"],
+        "total_rank": totals["total_rank"],
+        "mean_rank": totals["mean_rank"],
+        "parameters": totals["parameters"],
+        "size_gb_fp32": totals["bytes_fp32"] / GIB,
     }
 
 
@@ -185,7 +154,7 @@ def resolve(config: EvalConfig) -> ResolvedEval:
     lora = Path(config.lora) if config.lora else RunFolder(config.run).find_adapter()
     if not lora.is_file():
         raise ValueError(f"adapter file not found: {lora}")
-    adapter_summary(lora)  # fails early on a file without LoRA matrices
+    adapter_summary(lora)  # fails early on a file lora2 inspect refuses
     base = config.base or run_config.get("base") or default_base()
     subject_dir = Path(config.subject or run_config.get("instance_data_dir") or "")
     if not str(subject_dir) or str(subject_dir) == ".":

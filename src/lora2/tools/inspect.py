@@ -10,17 +10,20 @@ from lora2.export.formats import read_adapter
 from lora2.export.names import underscore
 
 
-def summarize(adapter: Adapter, lora2: dict | None = None) -> dict:
+def summarize(adapter: Adapter, lora2: dict | None = None, magnitudes: dict | None = None) -> dict:
     """Per-module rows and totals of an adapter (ν per module when the lora2 header has it).
 
-    Parameters of a module: r·(d_in·kh·kw + d_out); bytes: parameters × 4 (fp32) or × 2 (fp16).
+    Parameters of a module: r·(d_in·kh·kw + d_out), plus d_out for a DoRA magnitude vector (``magnitudes``:
+    component → module → m); bytes: parameters × 4 (fp32) or × 2 (fp16).
     """
     described = (lora2 or {}).get("components", {})
+    magnitudes = magnitudes or {}
     rows = []
     for component, modules in adapter.items():
         infos = {underscore(n): i for n, i in described.get(component, {}).get("modules", {}).items()}
         for name, module in modules.items():
             info = infos.get(underscore(name), {})
+            magnitude = magnitudes.get(component, {}).get(name)
             rows.append(
                 {
                     "component": component,
@@ -28,7 +31,7 @@ def summarize(adapter: Adapter, lora2: dict | None = None) -> dict:
                     "kind": "conv" if module.is_conv else "linear",
                     "shape": [module.out_features, *module.down.shape[1:]],
                     "rank": module.rank,
-                    "parameters": module.parameter_count(),
+                    "parameters": module.parameter_count() + (0 if magnitude is None else magnitude.numel()),
                     "scale": module.scale,
                     "nu": info.get("nu") if info.get("adaptive") else None,
                 }
@@ -60,10 +63,11 @@ def summarize(adapter: Adapter, lora2: dict | None = None) -> dict:
 
 
 def inspect_file(path: str | Path) -> dict:
-    """``summarize`` of an adapter file or directory, with its path, format and lora2 header."""
-    file = read_adapter(path)
-    report = summarize(file.adapter, file.lora2)
-    report.update({"path": str(file.path), "format": file.format, "lora2": file.lora2})
+    """``summarize`` of an adapter file or directory (DoRA files too: their magnitude vectors count in the size),
+    with its path, format, whether it is DoRA, and its lora2 header."""
+    file = read_adapter(path, dora=True)
+    report = summarize(file.adapter, file.lora2, file.magnitudes)
+    report.update({"path": str(file.path), "format": file.format, "dora": bool(file.magnitudes), "lora2": file.lora2})
     return report
 
 
