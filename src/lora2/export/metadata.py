@@ -5,6 +5,7 @@ JSON object::
     {"lora2_header": 1, "version": "<lora2 version>", "format": "diffusers" | "kohya" | "peft" | "lora2",
      "components": {"<component>": {
          "config": {LoRA2Config.to_dict()} | absent (adapters made by tools: merge, resize),
+         "layout": {UNetLayout.to_dict()} | absent (UNets only: the block layout that names SGM modules),
          "modules": {"<module name as in the file>": {"rank": D, "log_nu": float, "nu": float,
                                                      "adaptive": bool, "scaling": s}}}},
      "training": {settings passed to save_lora(metadata=...)},
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from lora2.export.files import parse_json_entry
 from lora2.export.keys import LORA2_HEADER_KEY, LORA2_HEADER_VERSION
+from lora2.export.sgm import UNetLayout
 
 
 def lora2_version() -> str:
@@ -57,6 +59,8 @@ def parse_header(path: Path, header: dict[str, str]) -> dict | None:
     if entry.get("lora2_header") != LORA2_HEADER_VERSION or not isinstance(entry.get("components"), dict):
         raise ValueError(f"{path}: unsupported lora2 header (lora2_header={entry.get('lora2_header')!r})")
     for component, info in entry["components"].items():
+        if "layout" in info:
+            UNetLayout.from_dict(info["layout"], f"{path}: component {component!r}")
         for name, module in (info.get("modules") or {}).items():
             log_nu = module.get("log_nu")
             if log_nu is not None and not (isinstance(log_nu, (int, float)) and math.isfinite(log_nu)):
@@ -65,3 +69,11 @@ def parse_header(path: Path, header: dict[str, str]) -> dict | None:
             if not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"{path}: module {name!r} of {component!r}: rank {rank!r} is not a positive integer")
     return entry
+
+
+def header_layout(path: Path, entry: dict | None) -> UNetLayout | None:
+    """The UNet layout stored in a parsed lora2 header entry (None if absent)."""
+    for component, info in ((entry or {}).get("components") or {}).items():
+        if "layout" in info:
+            return UNetLayout.from_dict(info["layout"], f"{path}: component {component!r}")
+    return None
