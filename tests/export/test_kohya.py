@@ -381,6 +381,26 @@ def test_unknown_layout_keeps_diffusers_spelling_with_a_log_line(tmp_path, caplo
     assert "ss_network_args" not in header(path)
 
 
+def test_modules_without_sgm_name_keep_the_whole_unet_in_diffusers_spelling(tmp_path, caplog):
+    """diffusers drops every SGM key of a file that mixes spellings, so one unmappable module keeps them all."""
+    def module():
+        return lora2.export.LoraModule(torch.ones(2, 4), torch.ones(3, 2))
+
+    adapter = {"unet": {"conv_in": module(), "class_embedding.linear_1": module()}}
+    with caplog.at_level(logging.WARNING):
+        path = write_adapter(adapter, tmp_path, "kohya", {}, torch.float32, sdxl_base_layout())
+    assert unet_keys(path) == ["lora_unet_class_embedding_linear_1", "lora_unet_conv_in"]
+    assert "1 UNet module(s) have no SGM name" in caplog.text
+
+
+def test_malformed_layout_in_the_lora2_header_is_refused(tmp_path):
+    module = lora2.export.LoraModule(torch.ones(2, 4), torch.ones(3, 2))
+    entry = {"lora2": json.dumps({"lora2_header": 1, "components": {"unet": {"layout": "sdxl", "modules": {}}}})}
+    path = write_adapter({"unet": {"conv_in": module}}, tmp_path, "kohya", entry, torch.float32)
+    with pytest.raises(ValueError, match=r"component 'unet': malformed UNet layout"):
+        read_adapter(path)
+
+
 # ---------------------------------------------------------------- SD 1.5 and KOALA keep diffusers names
 
 

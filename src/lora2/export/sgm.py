@@ -109,7 +109,7 @@ class UNetLayout:
                 addition_embed_type=data.get("addition_embed_type"),
                 cross_attention_dim=data.get("cross_attention_dim"),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{where}: malformed UNet layout {data!r:.200} ({error})") from error
         if len(layout.layers_per_block) != len(layout.down_block_types):
             count, blocks = len(layout.layers_per_block), len(layout.down_block_types)
