@@ -383,6 +383,7 @@ def test_unknown_layout_keeps_diffusers_spelling_with_a_log_line(tmp_path, caplo
 
 def test_modules_without_sgm_name_keep_the_whole_unet_in_diffusers_spelling(tmp_path, caplog):
     """diffusers drops every SGM key of a file that mixes spellings, so one unmappable module keeps them all."""
+
     def module():
         return lora2.export.LoraModule(torch.ones(2, 4), torch.ones(3, 2))
 
