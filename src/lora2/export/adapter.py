@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from lora2.export.sgm import UNetLayout
+
 # Component names as diffusers prefixes them; kohya prefixes are in keys.KOHYA_PREFIXES.
 Adapter = dict[str, dict[str, "LoraModule"]]
 # dtypes of the weights lora2 reads and writes (fp8 and integer tensors are refused with a clear error)
@@ -118,6 +120,8 @@ class AdapterFile:
     lora2: the parsed ``lora2`` header entry (``None`` for files written by other tools).
     raw: native files only: component → module → (A, B, log_nu), the unbaked LoRA² state.
     magnitudes: DoRA files only: component → module → magnitude vector m (d_out,).
+    layout: the UNet's layout (``lora2.export.sgm``) from the lora2 header, or inferred from SGM names of a kohya
+        file; decides the spelling of kohya files written from this adapter. None when unknown.
     """
 
     path: Path
@@ -127,6 +131,7 @@ class AdapterFile:
     raw: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None
     header: dict[str, str] = field(default_factory=dict)
     magnitudes: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    layout: UNetLayout | None = None
 
     def ranks(self) -> dict[str, dict[str, int]]:
         return {comp: {name: m.rank for name, m in modules.items()} for comp, modules in self.adapter.items()}

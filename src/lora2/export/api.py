@@ -13,7 +13,9 @@ Design:
 - Files of other tools (no lora2 header) load as fixed-rank LoRA (Λ = I, scale 1) into a plain model; into an
   adaptive LoRA² model they load with ν set to the middle of the file rank's ν interval, so training can continue
   adaptively from the file's function. kohya files in sd-scripts' SGM spelling (``input_blocks_4_1_…``) are mapped
-  to diffusers module names with diffusers' own conversion.
+  to diffusers module names with the table of the model's UNet layout (``lora2.export.sgm``).
+- kohya files name the UNet as kohya's trainer for its family does: the UNet's layout (its config) is stored in the
+  ``lora2`` header so that the tools (merge, resize) write the same spelling.
 - Per-format details: ``diffusers`` (peft metadata header), ``kohya`` (one alpha per file), ``peft`` (directories),
   ``names`` (text-encoder spellings).
 """
@@ -32,11 +34,11 @@ from lora2.export.adapter import AdapterFile, LoraModule
 from lora2.export.files import write_safetensors
 from lora2.export.formats import check_format, output_path, read_adapter, write_adapter
 from lora2.export.keys import FILE_NAMES, KNOWN_COMPONENTS
-from lora2.export.kohya import SGM_BLOCKS, sgm_to_diffusers
 from lora2.export.metadata import build_header
 from lora2.export.names import is_flat_clip, is_text_encoder, resolver, to_file_name, underscore
 from lora2.export.native import header_config
 from lora2.export.native import to_state_dict as native_state_dict
+from lora2.export.sgm import NameTable, UNetLayout, is_sgm_name
 from lora2.inject import inject
 from lora2.logs import quiet_unet_lora_load
 from lora2.lora.config import LoRA2Config
@@ -106,6 +108,7 @@ def save_lora(
     adapter: dict[str, dict[str, LoraModule]] = {}
     described: dict[str, dict] = {}
     raw: dict[str, dict] = {}
+    layout = None
     for component, module in components.items():
         layers = list(lora_layers(module))
         if not layers:
@@ -128,11 +131,15 @@ def save_lora(
             raws[file_name] = (layer.lora_A[: layer.r].detach(), layer.active_b().detach(), layer.log_nu.detach())
         adapter[component], raw[component] = modules, raws
         described[component] = {"config": layers[0][1].config.to_dict(), "modules": infos}
+        unet_layout = UNetLayout.of_model(module)
+        if unet_layout is not None:
+            described[component]["layout"] = unet_layout.to_dict()
+            layout = layout or unet_layout
     header = build_header(format, described, metadata)
     if format == "lora2":
         written = write_safetensors(output_path(path, format), native_state_dict(raw), header)
     else:
-        written = write_adapter(adapter, path, format, header, dtype)
+        written = write_adapter(adapter, path, format, header, dtype, layout)
     total = sum(len(m) for m in adapter.values())
     logger.info("saved %d LoRA² modules (%s format) to %s", total, format, written)
     return written
@@ -174,12 +181,14 @@ def _match_components(
 
 
 def _translate_sgm(file: AdapterFile, model: nn.Module, names: list[str]) -> dict[str, str]:
-    """For kohya files of sd-scripts' SDXL UNet (SGM block names), the diffusers names of the given modules."""
-    config = getattr(model, "config", None)
-    if file.format != "kohya" or not hasattr(config, "layers_per_block"):
+    """For kohya files in SGM spelling (``input_blocks_4_1_…``), the diffusers names (kohya spelling) of the given
+    modules under the model's UNet layout."""
+    layout = UNetLayout.of_model(model)
+    if file.format != "kohya" or layout is None or not layout.has_ldm_original:
         return {}
-    sgm = [name for name in names if any(block in name for block in SGM_BLOCKS)]
-    return sgm_to_diffusers(sgm, config) if sgm else {}
+    table = NameTable(layout)
+    translated = {name: table.to_diffusers(name) for name in names if is_sgm_name(name)}
+    return {name: value for name, value in translated.items() if value is not None}
 
 
 def _expected_shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

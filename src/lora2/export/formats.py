@@ -10,9 +10,17 @@ import torch
 from lora2.export import diffusers, kohya, native, peft
 from lora2.export.adapter import Adapter, AdapterFile, check_module
 from lora2.export.files import inside, read_safetensors, write_safetensors
-from lora2.export.keys import DIRECTORY_PREFERENCE, FILE_NAMES, FORMATS, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
-from lora2.export.metadata import parse_header
+from lora2.export.keys import (
+    DIRECTORY_PREFERENCE,
+    FILE_NAMES,
+    FORMATS,
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHTS_NAME,
+    TOOL_FORMATS,
+)
+from lora2.export.metadata import header_layout, parse_header
 from lora2.export.names import check_names, underscore
+from lora2.export.sgm import NameTable, UNetLayout, is_sgm_name, sdxl_base_layout
 
 PEFT_FILES = (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)
 
@@ -43,11 +51,20 @@ def planned_files(adapter: Adapter, path: str | Path, fmt: str) -> list[Path]:
     return [d / name for d in peft.component_dirs(target, adapter).values() for name in PEFT_FILES]
 
 
-def write_adapter(adapter: Adapter, path: str | Path, fmt: str, header: dict[str, str], dtype: torch.dtype) -> Path:
+def write_adapter(
+    adapter: Adapter,
+    path: str | Path,
+    fmt: str,
+    header: dict[str, str],
+    dtype: torch.dtype,
+    layout: UNetLayout | None = None,
+) -> Path:
     """Write a (non-native) adapter; ``header`` holds extra safetensors header entries (e.g. the lora2 entry).
 
-    Names are checked like a file's (``names.check_names``), every module like a read one (finite, shapes), and the
-    files land under ``path`` (``files.inside``); ValueError naming ``path`` otherwise, before anything is written.
+    ``layout``: the UNet's layout; kohya files name UNet modules as kohya's trainer for it does
+    (``lora2.export.kohya``). Names are checked like a file's (``names.check_names``), every module like a read one
+    (finite, shapes), and the files land under ``path`` (``files.inside``); ValueError naming ``path`` otherwise,
+    before anything is written.
     """
     check_format(fmt)
     if fmt == "lora2":
@@ -62,8 +79,10 @@ def write_adapter(adapter: Adapter, path: str | Path, fmt: str, header: dict[str
     try:
         if fmt == "peft":
             return peft.write(target, adapter, dtype, header)
-        writer = diffusers if fmt == "diffusers" else kohya
-        tensors, entries = writer.to_state_dict(adapter, dtype)
+        if fmt == "kohya":
+            tensors, entries = kohya.to_state_dict(adapter, dtype, layout)
+        else:
+            tensors, entries = diffusers.to_state_dict(adapter, dtype)
         return write_safetensors(target, tensors, {**entries, **header})
     except OSError as error:
         raise ValueError(f"{target}: cannot write ({error})") from error
@@ -135,12 +154,40 @@ def _read(path: Path) -> AdapterFile:
         file = _read_file(path)
     if file.lora2 is None:
         file.lora2 = parse_header(file.path, file.header)
+    file.layout = header_layout(file.path, file.lora2)
     described = list((file.lora2 or {}).get("components", {}))
+    if file.format == "kohya":
+        _translate_sgm_names(file)
     if file.format == "kohya" and file.lora2 is not None:
         _restore_dotted_names(file)
     if set(file.adapter) == {""} and len(described) == 1:
         file.adapter = {described[0]: file.adapter[""]}
     return file
+
+
+def _translate_sgm_names(file: AdapterFile) -> None:
+    """SGM-named UNet modules of a kohya file → diffusers names (kohya spelling), with the layout of the lora2 header
+    or, for files of other tools, SDXL base's (the one layout kohya writes SGM names for) when it names them all."""
+    modules = file.adapter.get("unet", {})
+    sgm = [name for name in modules if is_sgm_name(name)]
+    if not sgm:
+        return
+    layout = file.layout or sdxl_base_layout()
+    table = NameTable(layout) if layout.has_ldm_original else None
+    translated = {name: table.to_diffusers(name) for name in sgm} if table else {}
+    unknown = [name for name in sgm if translated.get(name) is None]
+    if unknown:
+        which = "the layout in its lora2 header" if file.layout else "SDXL base's layout"
+        logger.warning(
+            "%s: %d SGM-named UNet module(s) do not fit %s, names kept as in the file: %s",
+            file.path,
+            len(unknown),
+            which,
+            unknown[:5],
+        )
+        return
+    file.layout = layout
+    file.adapter["unet"] = {translated.get(name, name): module for name, module in modules.items()}
 
 
 def _restore_dotted_names(file: AdapterFile) -> None:
@@ -149,3 +196,15 @@ def _restore_dotted_names(file: AdapterFile) -> None:
         named = file.lora2["components"].get(component, {}).get("modules", {})
         dotted = {underscore(name): name for name in named}
         file.adapter[component] = {dotted.get(name, name): module for name, module in modules.items()}
+
+
+def tool_table(files: dict[str, str]) -> list[str]:
+    """Markdown lines "which file for which tool" (``keys.TOOL_FORMATS``), given format → file name as written
+    (e.g. {"kohya": "lora_kohya.safetensors", "diffusers": "pytorch_lora_weights.safetensors", "peft": "peft/"});
+    tools whose format was not written are left out."""
+    lines = ["| tool | file |", "| --- | --- |"]
+    for fmt in dict.fromkeys(TOOL_FORMATS.values()):
+        if fmt in files:
+            tools = ", ".join(tool for tool, wanted in TOOL_FORMATS.items() if wanted == fmt)
+            lines.append(f"| {tools} | `{files[fmt]}` |")
+    return lines

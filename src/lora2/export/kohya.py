@@ -1,10 +1,14 @@
 """kohya / sd-scripts LoRA files: ``lora_unet_<module with _>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``.
 
-Module paths are the diffusers module names with dots replaced by underscores
-(``lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q``), text encoders under ``lora_te1_`` /
-``lora_te2_`` with the ``text_model_`` spelling. This is what diffusers' ``_convert_non_diffusers_lora_to_diffusers``
-maps back, what ComfyUI's ``model_lora_keys_unet`` builds from ``unet_to_diffusers``, and what A1111 converts with
-``convert_diffusers_name_to_compvis``; no SGM block renumbering (``input_blocks_4_1``) is involved.
+Module names are the ones kohya's trainer for the model's family writes (``lora2.export.sgm``): SDXL UNets in
+SGM spelling (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), text encoders under ``lora_te1_`` /
+``lora_te2_``; SD 1.x/2.x UNets in diffusers spelling (``lora_unet_down_blocks_1_attentions_0_…``) with the text
+encoder under ``lora_te_``. A UNet without an SGM original (KOALA: no mid block) or of unknown layout keeps the
+diffusers spelling, which diffusers-trained community LoRAs of such models use. The header carries kohya's
+``ss_*`` entries: ``ss_base_model_version`` (A1111 lists a LoRA with SDXL checkpoints only for "sdxl_…"),
+``ss_network_module``, ``ss_network_dim`` / ``ss_network_alpha`` ("Dynamic" for mixed ranks, as sd-scripts'
+``resize_lora.py`` writes them), ``ss_network_args`` (``conv_dim`` / ``conv_alpha`` when 3x3 convs are adapted).
+Per-module ranks and ν are in the ``lora2`` entry.
 
 Alpha: kohya loaders scale each module by alpha / rank. diffusers (0.42) turns per-module alphas of text encoders
 into ``alpha_pattern`` keys that name the attention block rather than the projection, so mixed ranks with alpha = rank
@@ -15,24 +19,36 @@ would load with wrong scales there. Every module of a file therefore gets the sa
 from __future__ import annotations
 
 import collections
+import json
 import logging
 from pathlib import Path
 
 import torch
 
 from lora2.export.adapter import Adapter, AdapterFile, LoraModule, check_module, check_shapes
-from lora2.export.keys import KOHYA_ALPHA, KOHYA_DOWN, KOHYA_PREFIXES, KOHYA_READ_PREFIXES, KOHYA_UP
+from lora2.export.keys import (
+    KOHYA_ALPHA,
+    KOHYA_DOWN,
+    KOHYA_PREFIXES,
+    KOHYA_READ_PREFIXES,
+    KOHYA_SD_TEXT_PREFIX,
+    KOHYA_UP,
+)
 from lora2.export.names import check_names, underscore
+from lora2.export.sgm import NameTable, UNetLayout, is_sgm_name
 
 logger = logging.getLogger(__name__)
 
-KOHYA_HEADER = {"ss_network_module": "networks.lora", "ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"}
+NETWORK_MODULE = "networks.lora"
+DYNAMIC = "Dynamic"
 
 
-def kohya_prefix(component: str) -> str:
+def kohya_prefix(component: str, layout: UNetLayout | None = None) -> str:
     """kohya key prefix of a component (a bare model, component "", is written as the UNet)."""
     if component and component not in KOHYA_PREFIXES:
         raise ValueError(f"the kohya format has no prefix for component {component!r}; use {list(KOHYA_PREFIXES)}")
+    if component == "text_encoder" and layout is not None and layout.addition_embed_type is None:
+        return KOHYA_SD_TEXT_PREFIX
     return KOHYA_PREFIXES.get(component, KOHYA_PREFIXES["unet"])
 
 
@@ -42,45 +58,117 @@ def file_alpha(adapter: Adapter) -> float:
     return float(max(counts, key=lambda rank: (counts[rank], rank)))
 
 
-def to_state_dict(adapter: Adapter, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header entries of a kohya file (ΔW = alpha / rank · up @ down with one alpha per file)."""
+def unet_names(names: list[str], layout: UNetLayout | None) -> dict[str, str]:
+    """module name → name after ``lora_unet_`` (kohya spelling): SGM names where kohya writes them (names already in
+    SGM spelling stay), else the diffusers names. A UNet with modules the SGM table lacks keeps diffusers names whole,
+    since diffusers drops every SGM key of a file that mixes both spellings."""
+    plain = {name: underscore(name) for name in names}
+    if layout is None:
+        logger.warning(
+            "UNet layout unknown (no UNet config, no layout in the lora2 header): kohya UNet names keep the "
+            "diffusers spelling, which sd-scripts' SDXL tools do not read"
+        )
+        return plain
+    if layout.kohya_spelling != "sgm":
+        if layout.is_sdxl:
+            logger.info(
+                "this SDXL-family UNet has no SGM original (e.g. KOALA, no mid block): kohya UNet names keep "
+                "the diffusers spelling that diffusers-trained LoRAs of such models use"
+            )
+        return plain
+    table = NameTable(layout)
+    sgm = {name: table.to_sgm(name) or (stem if table.to_diffusers(stem) else None) for name, stem in plain.items()}
+    missing = [name for name, value in sgm.items() if value is None]
+    if missing:
+        logger.warning(
+            "%d UNet module(s) have no SGM name: %s; writing the whole UNet in diffusers spelling, which "
+            "sd-scripts' SDXL tools do not read",
+            len(missing),
+            missing[:5],
+        )
+        return plain
+    return sgm
+
+
+def header_entries(adapter: Adapter, layout: UNetLayout | None, alpha: float) -> dict[str, str]:
+    """kohya's ``ss_*`` header entries for this adapter (see the module docstring)."""
+    modules = [module for modules in adapter.values() for module in modules.values()]
+    conv = [m.rank for m in modules if m.is_conv and m.down.shape[2:] != (1, 1)]
+    plain = [m.rank for m in modules if not (m.is_conv and m.down.shape[2:] != (1, 1))]
+    entries = {"ss_network_module": NETWORK_MODULE}
+    if plain:
+        fixed = len(set(plain)) == 1
+        entries["ss_network_dim"] = str(plain[0]) if fixed else DYNAMIC
+        entries["ss_network_alpha"] = str(alpha) if fixed else DYNAMIC
+    if conv:
+        fixed = len(set(conv)) == 1
+        args = {"conv_dim": str(conv[0]) if fixed else DYNAMIC, "conv_alpha": str(alpha) if fixed else DYNAMIC}
+        entries["ss_network_args"] = json.dumps(args)
+    version = layout.base_model_version if layout is not None else None
+    if version is not None:
+        entries["ss_base_model_version"] = version
+        entries["ss_v2"] = str(version.startswith("sd_v2"))
+    ranks = sorted(m.rank for m in modules)
+    entries["ss_training_comment"] = (
+        f"LoRA² adapter: {len(modules)} modules, ranks {ranks[0]}–{ranks[-1]}, alpha {alpha:g} for every module; "
+        "per-module ranks in the 'lora2' header entry"
+    )
+    return entries
+
+
+def to_state_dict(
+    adapter: Adapter, dtype: torch.dtype, layout: UNetLayout | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header entries of a kohya file (ΔW = alpha / rank · up @ down with one alpha per file).
+
+    ``layout``: the UNet's layout, which decides the UNet's spelling, the text encoder prefix of SD 1.x/2.x and
+    ``ss_base_model_version``."""
     alpha = file_alpha(adapter)
     tensors: dict[str, torch.Tensor] = {}
     for component, modules in adapter.items():
-        prefix = kohya_prefix(component)
+        prefix = kohya_prefix(component, layout)
+        is_unet = prefix == KOHYA_PREFIXES["unet"]
+        names = unet_names(list(modules), layout) if is_unet else {name: underscore(name) for name in modules}
         for name, module in modules.items():
-            key = prefix + underscore(name)
+            key = prefix + names[name]
             if key + KOHYA_DOWN in tensors:
                 raise ValueError(f"module {name!r} of {component!r}: kohya name {key!r} is used by two modules")
             up = module.up.double() * (module.scale * module.rank / alpha)  # (d_out, r[, 1, 1])
             tensors[key + KOHYA_DOWN] = module.down.to(dtype)  # (r, d_in[, kh, kw])
             tensors[key + KOHYA_UP] = up.to(dtype)
             tensors[key + KOHYA_ALPHA] = torch.tensor(alpha, dtype=dtype)
-    unmapped = diffusers_unmapped([name for name in adapter.get("unet", {})])
+        if is_unet:
+            _warn_diffusers_unmapped([names[name] for name in modules])
+    return tensors, header_entries(adapter, layout, alpha)
+
+
+def _warn_diffusers_unmapped(stems: list[str]) -> None:
+    unmapped = diffusers_unmapped(stems)
     if unmapped:
         logger.warning(
-            "diffusers' kohya conversion maps %d UNet module(s) to other names and would not load them: %s; "
-            "A1111/ComfyUI read them, diffusers users should take the diffusers format",
+            "diffusers' kohya conversion maps %d UNet module(s) of this file to other names and drops them: %s; "
+            "in diffusers, load the diffusers-format file instead",
             len(unmapped),
             unmapped[:5],
         )
-    return tensors, dict(KOHYA_HEADER)
 
 
-def diffusers_unmapped(names: list[str]) -> list[str]:
-    """UNet module names that diffusers' kohya conversion does not map back to themselves (e.g. add_embedding)."""
+def diffusers_unmapped(stems: list[str]) -> list[str]:
+    """UNet names (diffusers spelling, after ``lora_unet_``) that diffusers' kohya conversion does not map back to
+    themselves (e.g. ``add_embedding``); SGM names are left to the SGM check in the tests."""
     try:
         from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
         from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
     except ImportError:  # another diffusers version: nothing to check against
         return []
+    names = [stem for stem in stems if not is_sgm_name(stem)]
     probe = {}
-    for name in names:
-        key = KOHYA_PREFIXES["unet"] + underscore(name)
+    for stem in names:
+        key = KOHYA_PREFIXES["unet"] + stem
         probe[key + KOHYA_DOWN] = probe[key + KOHYA_UP] = torch.zeros(1, 1)
     converted, _ = _convert_non_diffusers_lora_to_diffusers(probe)
     peft_keys = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
-    mapped = {key.removesuffix(".lora_A.weight") for key in peft_keys}
+    mapped = {underscore(key.removesuffix(".lora_A.weight")) for key in peft_keys}
     return sorted(set(names) - mapped)
 
 
@@ -123,32 +211,3 @@ def from_state_dict(path: Path, tensors: dict[str, torch.Tensor], header: dict[s
         adapter.setdefault(component, {})[module] = lora
     check_names(path, adapter)
     return AdapterFile(path, "kohya", adapter, header=header)
-
-
-SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
-
-
-def sgm_to_diffusers(names: list[str], unet_config) -> dict[str, str]:
-    """kohya names in SGM spelling (sd-scripts SDXL: ``input_blocks_4_1_transformer_blocks_0_attn1_to_q``) →
-    diffusers module names, through diffusers' own conversion with the UNet's block layout. Unmapped names are left
-    out."""
-    from diffusers.loaders.lora_conversion_utils import (
-        _convert_non_diffusers_lora_to_diffusers,
-        _maybe_map_sgm_blocks_to_diffusers,
-    )
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-
-    mapped = {}
-    for name in names:
-        key = KOHYA_PREFIXES["unet"] + underscore(name)
-        probe = {key + KOHYA_DOWN: torch.zeros(1, 1), key + KOHYA_UP: torch.zeros(1, 1)}
-        try:
-            probe = _maybe_map_sgm_blocks_to_diffusers(probe, unet_config)
-            converted, _ = _convert_non_diffusers_lora_to_diffusers(probe)
-        except (ValueError, IndexError, KeyError):
-            continue
-        peft_keys = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
-        downs = [k.removesuffix(".lora_A.weight") for k in peft_keys if k.endswith(".lora_A.weight")]
-        if len(downs) == 1:
-            mapped[name] = downs[0]
-    return mapped

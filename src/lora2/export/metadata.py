@@ -5,6 +5,7 @@ JSON object::
     {"lora2_header": 1, "version": "<lora2 version>", "format": "diffusers" | "kohya" | "peft" | "lora2",
      "components": {"<component>": {
          "config": {LoRA2Config.to_dict()} | absent (adapters made by tools: merge, resize),
+         "layout": {UNetLayout.to_dict()} | absent (UNets only: the block layout that names SGM modules),
          "modules": {"<module name as in the file>": {"rank": D, "log_nu": float, "nu": float,
                                                      "adaptive": bool, "scaling": s}}}},
      "training": {settings passed to save_lora(metadata=...)},
@@ -22,6 +23,7 @@ from pathlib import Path
 from lora2.export.files import parse_json_entry
 from lora2.export.keys import LORA2_HEADER_KEY, LORA2_HEADER_VERSION
 from lora2.export.names import check_names
+from lora2.export.sgm import UNetLayout
 
 
 def lora2_version() -> str:
@@ -62,6 +64,8 @@ def parse_header(path: Path, header: dict[str, str]) -> dict | None:
         if not isinstance(modules, dict) or not all(isinstance(m, dict) for m in modules.values()):
             raise ValueError(f"{path}: lora2 header: component {component!r:.100} must be an object of module objects")
         check_names(path, {component: modules})
+        if "layout" in info:
+            UNetLayout.from_dict(info["layout"], f"{path}: component {component!r}")
         for name, module in modules.items():
             log_nu = module.get("log_nu")
             if log_nu is not None and not (isinstance(log_nu, (int, float)) and math.isfinite(log_nu)):
@@ -70,3 +74,11 @@ def parse_header(path: Path, header: dict[str, str]) -> dict | None:
             if not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"{path}: module {name!r} of {component!r}: rank {rank!r} is not a positive integer")
     return entry
+
+
+def header_layout(path: Path, entry: dict | None) -> UNetLayout | None:
+    """The UNet layout stored in a parsed lora2 header entry (None if absent)."""
+    for component, info in ((entry or {}).get("components") or {}).items():
+        if "layout" in info:
+            return UNetLayout.from_dict(info["layout"], f"{path}: component {component!r}")
+    return None

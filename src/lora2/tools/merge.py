@@ -22,7 +22,7 @@ from tqdm import tqdm
 from lora2.export.adapter import Adapter, LoraModule
 from lora2.export.formats import read_adapter
 from lora2.export.names import underscore
-from lora2.tools.output import output_format, write_result
+from lora2.tools.output import input_layout, output_format, write_result
 from lora2.tools.svd import lowrank_svd, truncate
 
 
@@ -152,6 +152,7 @@ class MergeSpec:
 def merge_files(spec: MergeSpec) -> Path:
     """Read the inputs, merge exactly, recompress if asked, write ``spec.out`` (input's format by default)."""
     files = [read_adapter(path) for path in spec.inputs]
+    input_layout(files)  # inputs of different UNets: refused before any work
     merged = merge_adapters([f.adapter for f in files], spec.weights, [str(f.path) for f in files])
     if spec.rank_budget is not None or spec.max_rank is not None or spec.energy is not None:
         merged = recompress(merged, spec.rank_budget, spec.max_rank, spec.energy)

@@ -10,6 +10,7 @@ import torch
 from lora2.export.adapter import Adapter, AdapterFile
 from lora2.export.formats import planned_files, write_adapter
 from lora2.export.metadata import build_header
+from lora2.export.sgm import UNetLayout
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,15 @@ def check_not_inputs(targets: list[Path], inputs: list[AdapterFile], out: str | 
                 )
 
 
+def input_layout(inputs: list[AdapterFile]) -> UNetLayout | None:
+    """The UNet layout the inputs agree on (from their lora2 headers or SGM names); ValueError if they differ."""
+    layouts = {file.layout: file.path for file in inputs if file.layout is not None}
+    if len(layouts) > 1:
+        paths = ", ".join(str(path) for path in layouts.values())
+        raise ValueError(f"the inputs are adapters of UNets with different block layouts: {paths}")
+    return next(iter(layouts), None)
+
+
 def write_result(
     adapter: Adapter, out: str | Path, fmt: str, inputs: list[AdapterFile], step: dict, dtype: str = "fp32"
 ) -> Path:
@@ -48,8 +58,11 @@ def write_result(
         component: {"modules": {name: {"rank": module.rank} for name, module in modules.items()}}
         for component, modules in adapter.items()
     }
+    layout = input_layout(inputs)
+    if layout is not None and "unet" in components:
+        components["unet"]["layout"] = layout.to_dict()
     history = list(first.get("history", [])) + [step]
     header = build_header(fmt, components, first.get("training"), history)
-    written = write_adapter(adapter, out, fmt, header, DTYPES[dtype])
+    written = write_adapter(adapter, out, fmt, header, DTYPES[dtype], layout)
     logger.info("wrote %s (%s format)", written, fmt)
     return written

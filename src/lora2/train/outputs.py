@@ -12,8 +12,8 @@ from matplotlib import font_manager
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from lora2.export.formats import tool_table
 from lora2.train.atomic import atomic_write_text, temporary_name
-from lora2.train.run_folder import ADAPTER_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +26,12 @@ def write_model_card(
     settings: dict,
     kind: str,
     backend,
+    files: dict[str, str],
     sample_grid: str | None = None,
 ) -> None:
     """README.md in the style of diffusers' DreamBooth LoRA cards (YAML front matter + usage); ``backend`` is the
-    run's adapter backend class (its name, label and one-sentence description)."""
+    run's adapter backend class (its name, label and one-sentence description); ``files`` maps each written export
+    format to its name in the folder (the "which file for which tool" table)."""
     total = sum(ranks.values())
     method, label = backend.name, backend.label
     tags = ["text-to-image", "diffusers", "lora", method, "dreambooth", "template:sd-lora"]
@@ -60,10 +62,9 @@ def write_model_card(
         f'image = pipe("{instance_prompt}", generator=torch.Generator().manual_seed(0)).images[0]',
         "```",
         "",
-        "Which file for which tool: diffusers and peft read `" + ADAPTER_FILES["diffusers"] + "` (`peft/` with "
-        "`PeftModel.from_pretrained`); ComfyUI, A1111, Forge, sd-scripts and InvokeAI read `"
-        + ADAPTER_FILES["kohya"]
-        + "`.",
+        "## Which file for which tool",
+        "",
+        *tool_table(files),
         "",
         "## Ranks",
         "",

@@ -448,7 +448,8 @@ class DreamBoothRecipe:
             self._diverged(self.config.max_train_steps, "the adapter weights are not finite")
         self.components.unet.eval()
         metadata = {"training": {k: v for k, v in config.to_dict().items() if k != "resume"}, "base_model": self.base}
-        files = dict(self.backend.save(folder, config.export_formats, metadata))
+        adapters = self.backend.save(folder, config.export_formats, metadata)
+        files = dict(adapters)
         folder.record(RANK_HEATMAP, SAMPLES_DIR, SAMPLE_GRID, MODEL_CARD)
         files["rank_heatmap"] = folder.path(RANK_HEATMAP)
         rank_heatmap(*reversed(folder.rank_history()), files["rank_heatmap"])
@@ -456,9 +457,10 @@ class DreamBoothRecipe:
         files["model_card"] = folder.path(MODEL_CARD)
         settings = {key: config.to_dict()[key] for key in CARD_SETTINGS}
         ranks = self.backend.ranks()
+        written = {fmt: path.name + ("/" if path.is_dir() else "") for fmt, path in adapters.items()}
         write_model_card(
             files["model_card"], self.base, self.instance_prompt, ranks, settings, self.components.kind,
-            type(self.backend), SAMPLE_GRID,
+            type(self.backend), written, SAMPLE_GRID,
         )  # fmt: skip
         files["log"] = folder.log_path
         logger.info("total rank %d over %d modules; outputs in %s", sum(ranks.values()), len(ranks), folder.root)

@@ -28,6 +28,7 @@ from lora2.export.adapter import LoraModule
 from lora2.export.formats import write_adapter
 from lora2.export.metadata import build_header
 from lora2.export.names import to_file_name
+from lora2.export.sgm import UNetLayout
 from lora2.train.adapters.peft import ADAPTER_NAME, PEFT_PREFIX, PeftBackend, peft_layers
 from lora2.train.atomic import temporary_name
 
@@ -157,8 +158,10 @@ class AdaLoRABackend(PeftBackend):
         pairs = self.plain_lora_modules()
         modules = {to_file_name(self.unet, "unet", n): LoraModule(down, up) for n, (down, up) in pairs.items()}
         infos = {name: {"rank": module.rank} for name, module in modules.items()}
-        header = build_header(fmt, {"unet": {"modules": infos}}, metadata)  # no LoRA2Config: plain LoRA
+        layout = UNetLayout.of_model(self.unet)  # kohya files name the UNet as kohya's trainer for it does
+        described = {"modules": infos, **({"layout": layout.to_dict()} if layout is not None else {})}
+        header = build_header(fmt, {"unet": described}, metadata)  # no LoRA2Config: plain LoRA
         tmp = temporary_name(path)
-        write_adapter({"unet": modules}, tmp, fmt, header, torch.float32)
+        write_adapter({"unet": modules}, tmp, fmt, header, torch.float32, layout)
         os.replace(tmp, path)
         return True
