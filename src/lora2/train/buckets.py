@@ -1,9 +1,10 @@
 """Aspect-ratio buckets (SDXL, Podell et al. 2023, Sec. 2.3; kohya's ``--enable_bucket``) and their batch order.
 
-Buckets: every (height, width) with sides multiples of 64, area at most resolution² and as large as the step allows
-(for each width w, h = ⌊resolution² / w / 64⌋ · 64, and the transpose), aspect from 1:4 to 4:1 — at 1024 px the
-SDXL list from 512×2048 through 1024×1024 to 2048×512. Each image goes to the bucket nearest its aspect ratio
-(smallest |log(w/h) − log(w_b/h_b)|), is resized to cover it and cropped (``lora2.train.data.fit``).
+Buckets (kohya's ``make_bucket_resolutions``): every (height, width) with sides multiples of 64, area at most
+resolution² and as large as the step allows (for each width w, h = ⌊resolution² / w / 64⌋ · 64, and the transpose),
+aspect from 1:4 to 4:1 — at 1024 px the SDXL list from 512×2048 through 1024×1024 to 2048×512. Each image goes
+to the bucket nearest its aspect ratio (smallest |log(w/h) − log(w_b/h_b)|), is resized to cover it and cropped
+(``lora2.train.data.fit``), and SDXL's micro-conditioning gets its true original size and crop offsets.
 
 Batch order: a pure function of (seed, step), as without buckets, so a resumed run needs no data-loader state.
 Epoch ``e`` (generator seeded with (seed, e)): each bucket's images in a random permutation, cut into batches of
@@ -17,7 +18,7 @@ import math
 
 import torch
 
-BUCKET_STEP = 64
+BUCKET_STEP = 64  # SDXL's buckets: sides multiples of 64 (VAE 8 × UNet 8)
 MAX_ASPECT = 4.0
 
 

@@ -178,6 +178,17 @@ def save_checkpoint(
     return final
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of tensors that share memory with an earlier one (bitsandbytes gives every parameter's state the same
+    code book): safetensors refuses shared storage."""
+    seen, out = set(), {}
+    for key, value in tensors.items():
+        pointer = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if pointer in seen and value.numel() else value
+        seen.add(pointer)
+    return out
+
+
 def _write_checkpoint(tmp: Path, adapter_state, training: dict, optimizer, rng_states, step: int, ema_state) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -187,7 +198,7 @@ def _write_checkpoint(tmp: Path, adapter_state, training: dict, optimizer, rng_s
     if ema_state is not None:
         parts[EMA_FILE] = ema_state
     for name, tensors in parts.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+        save_file(_unshared({k: v.detach().contiguous().cpu() for k, v in tensors.items()}), str(tmp / name))
     files = {}
     for name in parts:
         with open(tmp / name, "rb") as handle:

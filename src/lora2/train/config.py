@@ -30,6 +30,7 @@ from lora2.export.keys import FORMATS
 from lora2.lora.config import LoRA2Config
 from lora2.rank.math import SCALINGS
 from lora2.train.adapters import ADAPTER_TYPES, backend_class
+from lora2.train.buckets import BUCKET_STEP
 from lora2.train.data import IMAGE_SUFFIXES
 
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -44,7 +45,6 @@ OPTIMIZERS = ("adamw", "adam", "adamw8bit", "adam8bit", "prodigy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MODEL_TYPES = ("auto", "sdxl", "sd15")
 REPORTERS = ("tensorboard", "wandb", "none")
-BUCKET_STEP = 64  # aspect-ratio buckets: sides are multiples of 64 (SDXL's buckets; VAE 8 × UNet 8)
 SMALL_IMAGES = ("upscale", "error")
 RANK_MODES = ("adaptive", "fixed")
 CHOICES = {
