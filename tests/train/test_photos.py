@@ -41,6 +41,9 @@ PHOTO_OPTIONS = {
     "random_flip": True,
     "sample_steps": 1,
     "export_formats": ["diffusers", "lora2"],
+    "with_prior_preservation": True,  # class images (square) re-fitted to each instance batch's bucket
+    "num_class_images": 2,
+    "class_generation_steps": 1,
 }
 
 
@@ -60,6 +63,8 @@ def test_photos_train_with_buckets_captions_masks_prodigy_and_ema(photo_run):
     out = photo_run.output_dir
     assert photo_run.status == "completed" and all(np.isfinite(photo_run.losses))
     assert any(rank != 3 for rank in photo_run.ranks.values()), "ν (plain Adam beside Prodigy) should move ranks"
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()[1:]]
+    assert all(record["prior"] > 0 for record in records)
     card = (out / "README.md").read_text()
     for line in (
         "- aspect_buckets: True",
@@ -103,7 +108,7 @@ def test_photo_run_resumes_bit_exactly(photo_run, tiny_base, photo_dir, tmp_path
             torch.testing.assert_close(continued[key], value, atol=1e-6, rtol=0, msg=f"{name} {key}")
 
 
-@pytest.mark.parametrize("fault", ["mask_size", "caption_bytes", "bucket_resolution"])
+@pytest.mark.parametrize("fault", ["mask_size", "caption_bytes", "bucket_resolution", "entropy"])
 def test_bad_photo_input_is_one_line_naming_it(tiny_base, photo_dir, tmp_path, fault):
     folder = tmp_path / "dog"
     shutil.copytree(photo_dir, folder)
@@ -114,9 +119,13 @@ def test_bad_photo_input_is_one_line_naming_it(tiny_base, photo_dir, tmp_path, f
     elif fault == "caption_bytes":
         (folder / "tall_a.txt").write_bytes(b"\xff\xfe\xfa")
         match = "cannot read caption file .*tall_a.txt"
-    else:
+    elif fault == "bucket_resolution":
         options["resolution"] = 96
         match = r"aspect_buckets needs a resolution that is a multiple of 64 .*got 96"
+    else:
+        options["entropy_weight"] = 0.01
+        options["with_prior_preservation"] = False
+        match = "entropy_weight needs the one instance prompt"
     with pytest.raises(ValueError, match=match):
         train(fast_config(tiny_base, folder, tmp_path / "run", **options))
     assert not (tmp_path / "run" / "checkpoint-1").exists()

@@ -50,6 +50,8 @@ def caption_source(folder: Path, extension: str | None) -> str:
 
 def instance_captions(paths: list[Path], config, instance_prompt: str, class_name: str | None) -> list[str] | None:
     """The prompt of each instance image with the identifier in it, or None when the folder has no captions."""
+    if config.keep_tokens and not config.shuffle_caption:
+        logger.warning("keep_tokens %d has no effect without shuffle_caption (as in kohya)", config.keep_tokens)
     captions = read_captions(paths[0].parent, paths, config.caption_extension)
     if captions is None:
         return None
