@@ -20,8 +20,6 @@ from train_helpers import fast_config, train_with_sigterm_at_step, write_photos
 from lora2.train.recipe import train
 
 DREAMBOOTH = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "dreambooth"
-if not DREAMBOOTH.is_dir():
-    DREAMBOOTH = Path("/work/shared/datasets/dreambooth")
 
 PHOTO_OPTIONS = {
     "resolution": 128,
