@@ -532,7 +532,7 @@ class Row:
     covers: str
     args: tuple[str, ...] = ()
     kind: str = "train"
-    needs: str | None = None  # "bitsandbytes" | "2 gpus"
+    needs: str | None = None  # "bitsandbytes" | "2 gpus" | "photos"
     source: str | None = None
     weight: float = 1.0
 
@@ -580,6 +580,12 @@ ROWS = (
         kind="eval", source="sdxl-adaptive", weight=1.0),
     Row("sdxl-uncached-crops", "sdxl", "cache_latents off, random crops and flips (VAE encodes every step)",
         ("--no-cache-latents", "--no-center-crop", "--random-flip"), weight=1.2),
+    Row("sdxl-photos", "sdxl",
+        "own photos (issue 18): aspect_buckets, caption_extension .txt, caption_dropout_rate, shuffle_caption, "
+        "keep_tokens, masked_loss, optimizer prodigy, ema_decay",
+        ("--instance-data-dir", "{data}/photos_dog", "--aspect-buckets", "--caption-extension", ".txt",
+         "--caption-dropout-rate", "0.1", "--shuffle-caption", "--keep-tokens", "1", "--masked-loss",
+         "--optimizer", "prodigy", "--learning-rate", "1.0", "--ema-decay", "0.999"), needs="photos", weight=1.3),
     Row("koala-700m-adaptive", "koala-700m", "KOALA-700m with the defaults"),
     Row("sd15-adaptive", "sd15", "SD 1.5 with the defaults (512 px)"),
 )  # fmt: skip
@@ -658,6 +664,8 @@ def missing_need(setup: Setup, row: Row) -> str | None:
     """Why a row cannot run here (its ``needs``), or None."""
     if row.needs == "2 gpus" and gpu_count(setup) < 2:
         return f"needs 2 GPUs, this machine has {gpu_count(setup)}"
+    if row.needs == "photos" and not (setup.data / "photos_dog").is_dir():
+        return f"needs {setup.data / 'photos_dog'} (benchmarks/photo_folder.py --subject dog --out .gpu/photos_dog)"
     if row.needs == "bitsandbytes":
         code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('bitsandbytes') is None)"
         env = child_env("", setup.data)

@@ -173,6 +173,10 @@ def test_world_subjects_use_the_world_evaluators(dreambooth_root, tmp_path, monk
     assert resolve_evaluators(tmp_path / "elsewhere", None, None) == (DEFAULT_DINO, DEFAULT_CLIP)
     with pytest.raises(ValueError, match="no base model"):  # base_model not ready
         default_base()
+    # a run on the world's base model: the world's evaluators for any subject folder
+    fake["ready"]["base_model"] = True
+    assert resolve_evaluators(tmp_path / "elsewhere", None, None, "/w/base") == ("/w/dino", "/w/clip")
+    assert resolve_evaluators(tmp_path / "elsewhere", None, None, "/other/base") == (DEFAULT_DINO, DEFAULT_CLIP)
 
 
 def test_a_bad_adapter_is_refused_before_diffusers_loads_it(
@@ -193,3 +197,22 @@ def test_a_bad_adapter_is_refused_before_diffusers_loads_it(
             evaluate(_config(tiny_sdxl, path, dreambooth_root, evaluators, tmp_path))
         assert str(error.value).startswith(str(path))
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_offline_hub_evaluator_fails_at_once_in_one_line(monkeypatch):
+    from transformers import AutoConfig
+
+    from lora2.eval.metrics import DinoEncoder
+
+    seen = {}
+    real = AutoConfig.from_pretrained
+
+    def spy(name, **kwargs):
+        seen.update(kwargs)
+        return real(name, **kwargs)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(AutoConfig, "from_pretrained", spy)
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set") as error:
+        DinoEncoder.from_pretrained("facebook/dino-vits16")
+    assert "\n" not in str(error.value) and seen == {"local_files_only": True}  # no network, so no retries

@@ -97,3 +97,85 @@ def test_nan_nu_is_a_floating_point_error():
         model[0].log_nu.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="'0'"):
         lora2.sync_ranks(None, model)
+
+
+def _grow_and_shrink(optimizer, model, ranks=(14, 3)):
+    """Set ν so that the rank becomes each of ``ranks`` in turn (with one optimizer step between), yielding."""
+    layer = model[0]
+    for rank in ranks:
+        with torch.no_grad():
+            layer.log_nu.fill_(torch.log(torch.tensor(lora2.rank.nu_for_rank(rank, 0.9))))
+        assert lora2.sync_ranks(optimizer, model) == 1 and layer.r == rank
+        yield layer
+
+
+def _layer_with_steps(optimizer_factory, steps: int = 3):
+    torch.manual_seed(0)
+    config = LoRA2Config(target_modules=["0"], init_rank=8, chunk_size=4, max_rank=32)
+    model = lora2.inject(nn.Sequential(nn.Linear(64, 64)), config)
+    layer = model[0]
+    optimizer = optimizer_factory([layer.lora_A, layer.lora_B])
+    for _ in range(steps):
+        model(torch.randn(4, 64)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer
+
+
+def test_8bit_adamw_state_follows_rank_changes(caplog):
+    """bitsandbytes' 8-bit moments (uint8 codes, an absmax per block of 256) are dequantized, resized and quantized
+    again: surviving positions keep their moments up to 8-bit rounding, grown positions start at zero (up to the
+    code book's nearest value), the optimizer keeps stepping."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import dequantize_blockwise
+
+    def moments(state):
+        return [
+            dequantize_blockwise(state[key], absmax=state[f"absmax{i}"], code=state[f"qmap{i}"], blocksize=256)
+            for i, key in ((1, "state1"), (2, "state2"))
+        ]
+
+    model, optimizer = _layer_with_steps(lambda params: bnb.optim.AdamW8bit(params, lr=1e-3, min_8bit_size=0))
+    layer = model[0]
+    assert optimizer.state[layer.lora_A]["state1"].dtype == torch.uint8
+    before_a, before_b = moments(optimizer.state[layer.lora_A]), moments(optimizer.state[layer.lora_B])
+    with caplog.at_level("WARNING"):
+        steps = _grow_and_shrink(optimizer, model)
+        layer = next(steps)  # rank 8 → 14, capacity 8 → 16
+        after_a, after_b = moments(optimizer.state[layer.lora_A]), moments(optimizer.state[layer.lora_B])
+        for old, new in zip(before_a, after_a):
+            scale = old.abs().max()
+            assert new.shape == layer.lora_A.shape and torch.allclose(new[:8], old, atol=0.02 * scale)
+            assert new[8:].abs().max() <= 1e-4 * scale
+        for old, new in zip(before_b, after_b):
+            scale = old.abs().max()
+            assert torch.allclose(new[:, :8], old, atol=0.02 * scale) and new[:, 8:].abs().max() <= 1e-4 * scale
+        model(torch.randn(4, 64)).square().sum().backward()
+        optimizer.step()
+        layer = next(steps)  # rank 14 → 3: storage shrinks to 4
+        assert optimizer.state[layer.lora_A]["state1"].shape == layer.lora_A.shape == (4, 64)
+        assert optimizer.state[layer.lora_A]["absmax1"].shape == (1,)
+        model(torch.randn(4, 64)).square().sum().backward()
+        optimizer.step()
+    assert "reset" not in caplog.text
+
+
+def test_prodigy_state_follows_rank_changes(caplog):
+    """Prodigy keeps Adam-like moments (parameter-shaped) and ``s``/``p0`` flattened: all follow the positions; a
+    grown position's ``p0`` is where the parameter starts, its other state zero."""
+    prodigyopt = pytest.importorskip("prodigyopt")
+    model, optimizer = _layer_with_steps(lambda params: prodigyopt.Prodigy(params, lr=1.0))
+    layer = model[0]
+    before = {key: value.clone() for key, value in optimizer.state[layer.lora_A].items() if torch.is_tensor(value)}
+    assert before["s"].dim() == 1 and before["p0"].shape == (8 * 64,)
+    with caplog.at_level("WARNING"):
+        layer = next(_grow_and_shrink(optimizer, model))
+    state = optimizer.state[layer.lora_A]
+    for key in ("exp_avg", "exp_avg_sq", "s", "p0"):
+        grid = state[key].view(layer.lora_A.shape)
+        assert torch.equal(grid[:8], before[key].view(8, 64)), key
+        expected = layer.lora_A[8:14] if key == "p0" else torch.zeros(6, 64)
+        assert torch.equal(grid[8:14], expected), key
+    assert state["p0"].dim() == 1 and "reset" not in caplog.text
+    model(torch.randn(4, 64)).square().sum().backward()
+    optimizer.step()

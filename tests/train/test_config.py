@@ -143,3 +143,22 @@ def test_flags_use_the_same_parser(tmp_path):
     bad = build_parser().parse_args(["train", "--lr-warmup-steps", "-5"])
     with pytest.raises(ValueError, match="lr_warmup_steps must be >= 0"):
         config_from_args(bad)
+
+
+def test_photo_options_from_yaml_and_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "caption_extension: .txt\ncaption_dropout_rate: 0.1\nshuffle_caption: true\nkeep_tokens: 1\n"
+        "aspect_buckets: true\nresolution: 1024\nmasked_loss: 'yes'\noptimizer: prodigy\nlearning_rate: 1\n"
+        "ema_decay: 0.999\nreport_to: wandb\n"
+    )
+    args = build_parser().parse_args(["train", "--config", str(path), "--keep-tokens", "2", "--no-masked-loss"])
+    config = config_from_args(args)
+    assert (config.caption_extension, config.caption_dropout_rate, config.shuffle_caption) == (".txt", 0.1, True)
+    assert (config.keep_tokens, config.aspect_buckets, config.masked_loss) == (2, True, False)
+    assert (config.optimizer, config.learning_rate, config.ema_decay) == ("prodigy", 1.0, 0.999)
+    assert config.report_to == "wandb"
+    with pytest.raises(ValueError, match="ema_decay must lie in"):
+        TrainConfig.from_dict({"ema_decay": 1.0})
+    with pytest.raises(ValueError, match="adapter_type 'adalora'"):
+        TrainConfig.from_dict({"adapter_type": "adalora", "init_rank": 8, "target_rank": 4, "ema_decay": 0.9})

@@ -106,14 +106,14 @@ def test_crop_and_flip():
     pixels[:, :24] = 255  # left half white
     from lora2.train.data import TrainImage
 
-    item = TrainImage(None, Image.fromarray(pixels), (32, 48))
-    tensor, crop = crop_and_flip(item, 32, center_crop=True, flip=False, generator=None)
-    assert tensor.shape == (3, 32, 32) and crop == (0, 8)
+    item = TrainImage(None, Image.fromarray(pixels), (32, 48), (32, 32))
+    tensor, crop, mask = crop_and_flip(item, center_crop=True, flip=False, generator=None)
+    assert tensor.shape == (3, 32, 32) and crop == (0, 8) and mask is None
     assert tensor.min() == -1 and tensor.max() == 1
-    flipped, _ = crop_and_flip(item, 32, center_crop=True, flip=True, generator=None)
+    flipped, _, _ = crop_and_flip(item, center_crop=True, flip=True, generator=None)
     assert torch.equal(flipped, tensor.flip(-1))
     generator = torch.Generator().manual_seed(0)
-    _, random_crop = crop_and_flip(item, 32, center_crop=False, flip=False, generator=generator)
+    _, random_crop, _ = crop_and_flip(item, center_crop=False, flip=False, generator=generator)
     assert random_crop[0] == 0 and 0 <= random_crop[1] <= 16
 
 

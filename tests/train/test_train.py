@@ -310,6 +310,31 @@ def test_missing_8bit_optimizer_is_a_clear_error(tiny_base, instance_dir, tmp_pa
         train(fast_config(tiny_base, instance_dir, tmp_path / "run", optimizer="adamw8bit"))
 
 
+def test_8bit_adamw_keeps_its_state_across_rank_changes_and_resumes_exactly(
+    tiny_base, instance_dir, tmp_path, monkeypatch, caplog
+):
+    """bitsandbytes' AdamW8bit (CPU backend) with 8-bit state on every adapter tensor (min_8bit_size 0; the tiny
+    model's tensors are below bitsandbytes' default 4096): ranks move, the quantized state follows (no reset
+    warning), checkpoints hold it and a resumed run equals the uninterrupted one."""
+    import functools
+
+    bnb = pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(bnb.optim, "AdamW8bit", functools.partial(bnb.optim.AdamW8bit, min_8bit_size=0))
+    options = {"optimizer": "adamw8bit", "checkpointing_steps": 2}
+    with caplog.at_level("WARNING"):
+        straight = train(_resume_config(tiny_base, instance_dir, tmp_path / "straight", **options))
+        out = tmp_path / "run"
+        interrupted = train_with_sigterm_at_step(_resume_config(tiny_base, instance_dir, out, **options), monkeypatch)
+        resumed = train(_resume_config(tiny_base, instance_dir, out, resume="latest", **options))
+    assert "reset" not in caplog.text and straight.ranks != {key: 3 for key in straight.ranks}
+    assert interrupted.step == 2 and resumed.ranks == straight.ranks
+    assert straight.losses == pytest.approx(interrupted.losses + resumed.losses, abs=1e-6)
+    for key, value in straight.adapter_state.items():
+        torch.testing.assert_close(resumed.adapter_state[key], value, atol=1e-6, rtol=0, msg=key)
+    saved = load_file(out / "checkpoint-4" / "optimizer.safetensors")
+    assert any(key.endswith(".state1") and value.dtype == torch.uint8 for key, value in saved.items())
+
+
 # --------------------------------------------------------------------------- other model families and options
 
 

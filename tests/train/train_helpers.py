@@ -23,6 +23,31 @@ def write_images(folder: Path, count: int = 3, size: tuple[int, int] = (40, 48),
     return folder
 
 
+def write_photos(folder: Path, seed: int = 0) -> Path:
+    """Mixed-aspect photos (3:1, 1:1, 1:3) with .txt captions (one missing, one naming the identifier, one the class)
+    and masks (a masks/ file, an alpha channel, one image without): a centred rectangle is learned, the rest not."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    photos = [
+        ("wide_a.png", (192, 64), "alpha", "on a bench, sunny, park"),
+        ("wide_b.jpg", (200, 70), "file", "dog, grass, running"),
+        ("square_a.png", (128, 128), "file", None),
+        ("square_b.png", (140, 130), None, "a photo of my dog, indoors"),
+        ("tall_a.png", (64, 192), "file", "sks dog sitting, close-up"),
+    ]
+    for name, (width, height), mask, caption in photos:
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        weights = np.zeros((height, width), dtype=np.uint8)
+        weights[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
+        Image.fromarray(np.dstack([pixels, weights]) if mask == "alpha" else pixels).save(folder / name)
+        if mask == "file":
+            Image.fromarray(weights).save(folder / "masks" / (Path(name).stem + ".png"))
+        if caption is not None:
+            (folder / name).with_suffix(".txt").write_text(caption)
+    return folder
+
+
 def fast_config(base: Path, instance: Path, output_dir: Path, **overrides) -> TrainConfig:
     """A config that trains a few steps at 32 px with 2-step sampling."""
     values = {

@@ -40,8 +40,9 @@ class EvalConfig:
     resolution, guidance_scale), else fall back to the defaults below.
     num_images: images per prompt; seed: image j of each prompt uses seed + j; max_prompts: first N prompts only.
     batch_size: images per pipeline call (None: 8 on the CPU, 64 on a GPU); it does not change the images.
-    dino_model / clip_model: hub id or local folder; default: the world's evaluators for world subjects, else
-    ``facebook/dino-vits16`` / ``openai/clip-vit-base-patch32``.
+    dino_model / clip_model: hub id or local folder; default: the world's evaluators when the base model is the
+    world's or the subject is a world subject, else ``facebook/dino-vits16`` / ``openai/clip-vit-base-patch32``
+    (with HF_HUB_OFFLINE set, a hub id not in the local cache fails at once, in one line).
     output: JSON path (default ``<run>/eval.json``, or ``eval.json`` beside the adapter file).
     """
 
@@ -115,14 +116,20 @@ def world_info(materialize: bool = False) -> dict | None:
     return {key: value for key, value in found.items() if ready.get(key)}
 
 
-def resolve_evaluators(subject_dir: Path, dino_model: str | None, clip_model: str | None) -> tuple[str, str]:
-    """Explicit models, else the world's evaluators when the subject lives in the world, else the hub defaults."""
+def resolve_evaluators(
+    subject_dir: Path, dino_model: str | None, clip_model: str | None, base: str | None = None
+) -> tuple[str, str]:
+    """Explicit models, else the world's evaluators when the base model is the world's (any subject folder) or the
+    subject lives in the world, else the hub defaults."""
     if dino_model and clip_model:
         return dino_model, clip_model
     info = world_info()
-    if info and info.get("subjects_dir"):
-        world_dir = Path(info["subjects_dir"]).resolve()
-        if world_dir in subject_dir.resolve().parents:
+    if info:
+        world_dir = Path(info["subjects_dir"]).resolve() if info.get("subjects_dir") else None
+        world_base = Path(info["base_model"]).resolve() if info.get("base_model") else None
+        if (world_dir is not None and world_dir in subject_dir.resolve().parents) or (
+            world_base is not None and base and Path(base).resolve() == world_base
+        ):
             dino_model = dino_model or info.get("dino_evaluator")
             clip_model = clip_model or info.get("clip_evaluator")
     return str(dino_model or DEFAULT_DINO), str(clip_model or DEFAULT_CLIP)
@@ -231,7 +238,9 @@ def evaluate(config: EvalConfig) -> dict:
     resolved = resolve(config)
     device = _device(config.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.dtype]
-    dino_name, clip_name = resolve_evaluators(resolved.subject_dir, config.dino_model, config.clip_model)
+    dino_name, clip_name = resolve_evaluators(
+        resolved.subject_dir, config.dino_model, config.clip_model, resolved.base
+    )
     scorer = SubjectScorer(
         DinoEncoder.from_pretrained(dino_name, device), ClipEncoder.from_pretrained(clip_name, device)
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,18 @@ def _features(output) -> torch.Tensor:
 
 
 def _load_error(kind: str, name: str | Path, error: Exception) -> ValueError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    offline = " (HF_HUB_OFFLINE is set: only local folders and the hub cache are read)" if hub_offline() else ""
     return ValueError(
-        f"cannot load the {kind} evaluator from {str(name)!r} ({type(error).__name__}: {error}); pass a local "
-        f"model folder (--{kind.lower()}-model) or use a world subject, whose evaluators are local"
+        f"cannot load the {kind} evaluator from {str(name)!r}{offline} ({type(error).__name__}: {first}); pass a "
+        f"local model folder (--{kind.lower()}-model), or evaluate with the world's base model or a world subject, "
+        "whose evaluators are local"
     )
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set: loaders read local files only and never retry the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("", "0", "false", "no", "off")
 
 
 def _has_pooler(name: str | Path) -> bool:
@@ -87,10 +96,11 @@ class DinoEncoder(_Encoder):
         try:
             # the CLS token is read before ViT's pooler; the pooler is built exactly when the checkpoint has one, so
             # that transformers reports no missing or unused weights (the pooler is never run)
-            config = AutoConfig.from_pretrained(str(name))
+            local = {"local_files_only": hub_offline()}  # never a network retry when offline
+            config = AutoConfig.from_pretrained(str(name), **local)
             kwargs = {"add_pooling_layer": _has_pooler(name)} if config.model_type == "vit" else {}
-            model = AutoModel.from_pretrained(str(name), **kwargs)
-            processor = AutoImageProcessor.from_pretrained(str(name))
+            model = AutoModel.from_pretrained(str(name), **kwargs, **local)
+            processor = AutoImageProcessor.from_pretrained(str(name), **local)
         except (OSError, ValueError) as error:
             raise _load_error("DINO", name, error) from error
         return cls(model, processor, device)
@@ -117,8 +127,9 @@ class ClipEncoder(_Encoder):
         from transformers import CLIPModel, CLIPProcessor
 
         try:
-            model = CLIPModel.from_pretrained(str(name))
-            processor = CLIPProcessor.from_pretrained(str(name))
+            local = {"local_files_only": hub_offline()}  # never a network retry when offline
+            model = CLIPModel.from_pretrained(str(name), **local)
+            processor = CLIPProcessor.from_pretrained(str(name), **local)
         except (OSError, ValueError) as error:
             raise _load_error("CLIP", name, error) from error
         return cls(model, processor, device)

@@ -4,7 +4,11 @@
 (one device→host sync for all layers). Like peft AdaLoRA's ``update_and_allocate``, it is an explicit call after
 ``optimizer.step()``: nothing global is installed, and the recipe in ``lora2.train`` calls it visibly. When a layer
 re-allocates its storage, the optimizer's references and per-parameter state are moved to the new tensors: state
-tensors shaped like the parameter keep the values of surviving positions; new positions start with zero state.
+of surviving positions is kept, positions that were dropped are dropped, new positions start with zero state. This
+holds for every per-position state the supported optimizers keep (``_positional_state``): Adam's moments (shaped like
+the parameter), Prodigy's ``s`` and ``p0`` (flattened; a grown position's ``p0`` is where it starts), and
+bitsandbytes' 8-bit moments (uint8 codes with one absmax per block of 256 values in flattened order: dequantized,
+resized and quantized again, since a resize moves positions across blocks).
 """
 
 from __future__ import annotations
@@ -84,6 +88,52 @@ def _resize_like(state: torch.Tensor, new: nn.Parameter) -> torch.Tensor:
     return out
 
 
+BNB_BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizers quantize their state in blocks of 256 values
+_QUANTIZED = {"state1": ("absmax1", "qmap1"), "state2": ("absmax2", "qmap2")}
+_START_FROM_PARAMETER = ("p0",)  # Prodigy's starting point: a grown position starts where the parameter is
+
+
+def _quantized(state: dict, key: str) -> bool:
+    value = state[key]
+    return key in _QUANTIZED and value.dtype == torch.uint8 and _QUANTIZED[key][0] in state
+
+
+def _bookkeeping(state: dict) -> set[str]:
+    """Keys of bitsandbytes' per-block statistics and code books (recomputed or kept, never resized)."""
+    return {name for key in _QUANTIZED if key in state and _quantized(state, key) for name in _QUANTIZED[key]}
+
+
+def _positional_state(state: dict, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every per-position state tensor of ``param`` as a float tensor shaped like it (views where the layout allows:
+    Adam's moments, Prodigy's flattened ``s``/``p0``; dequantized copies of bitsandbytes' 8-bit moments)."""
+    views, skip = {}, _bookkeeping(state)
+    for key, value in state.items():
+        if not torch.is_tensor(value) or value.dim() == 0 or key in skip:
+            continue
+        if _quantized(state, key):
+            from bitsandbytes.functional import dequantize_blockwise
+
+            absmax, qmap = (state[name] for name in _QUANTIZED[key])
+            views[key] = dequantize_blockwise(value, absmax=absmax, code=qmap, blocksize=BNB_BLOCKSIZE)
+        elif value.shape == param.shape:
+            views[key] = value
+        elif value.dim() == 1 and value.numel() == param.numel():
+            views[key] = value.view(param.shape)
+    return views
+
+
+def _store(state: dict, key: str, values: torch.Tensor) -> None:
+    """Write parameter-shaped ``values`` back into ``state[key]`` in its own layout (flattened, or quantized)."""
+    if _quantized(state, key):
+        from bitsandbytes.functional import quantize_blockwise
+
+        absmax, qmap = _QUANTIZED[key]
+        codes, quant_state = quantize_blockwise(values.contiguous(), code=state[qmap], blocksize=BNB_BLOCKSIZE)
+        state[key], state[absmax] = codes, quant_state.absmax
+    else:  # Prodigy keeps some state flattened
+        state[key] = values.reshape(-1) if state[key].dim() == 1 and values.dim() > 1 else values
+
+
 @torch.no_grad()
 def _rebind(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, where: dict) -> None:
     if id(old) in where:
@@ -92,24 +142,31 @@ def _rebind(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Paramet
     state = optimizer.state.pop(old, None)
     if state is None:
         return
-    moved = {}
-    for key, value in state.items():
-        if torch.is_tensor(value) and value.shape == old.shape:
-            moved[key] = _resize_like(value, new)
-        elif torch.is_tensor(value) and value.dim() > 0:
-            logger.warning("optimizer state %r of shape %s cannot follow a resize; it is reset", key, value.shape)
-            moved = {}
-            break
-        else:
-            moved[key] = value
-    if moved:
-        optimizer.state[new] = moved
+    positional, skip = _positional_state(state, old), _bookkeeping(state)
+    unknown = [
+        key for key, value in state.items()
+        if torch.is_tensor(value) and value.dim() > 0 and key not in positional and key not in skip
+    ]  # fmt: skip
+    if unknown:
+        logger.warning("optimizer state %s of %s cannot follow a resize; it is reset", unknown, tuple(old.shape))
+        return
+    moved = dict(state)
+    for key, value in positional.items():
+        _store(moved, key, _resize_like(value, new))
+    optimizer.state[new] = moved
 
 
 @torch.no_grad()
 def _zero_state_positions(optimizer: torch.optim.Optimizer, layer: LoRA2Layer, grown: range) -> None:
     """New rank positions start with no optimizer history (their old values, if any, are stale)."""
     for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):
-        for value in optimizer.state.get(param, {}).values():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                value.narrow(dim, grown.start, len(grown)).zero_()
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        for key, value in _positional_state(state, param).items():
+            positions = value.narrow(dim, grown.start, len(grown))
+            if key in _START_FROM_PARAMETER:
+                positions.copy_(param.narrow(dim, grown.start, len(grown)))
+            else:
+                positions.zero_()
+            _store(state, key, value)

@@ -8,7 +8,8 @@ A checkpoint is a folder ``checkpoint-<step>`` holding
 - ``optimizer.safetensors`` + ``state.json``: optimizer tensors and, in JSON, param groups, non-tensor optimizer
   state, LR-scheduler and grad-scaler state, ranks, step and data position, the training config, and the size and
   SHA-256 of every file of the checkpoint (checked before a resume);
-- ``rng.safetensors``: the torch RNG states of every process (global CPU, CUDA, and the trainer's generator).
+- ``rng.safetensors``: the torch RNG states of every process (global CPU, CUDA, and the trainer's generator);
+- ``ema.safetensors`` (``--ema-decay``): the EMA of the adapter's tensors, keyed like ``adapter.safetensors``.
 
 The folder is written as ``checkpoint-<step>.tmp`` and renamed into place only when complete (``os.replace``), and
 older checkpoints are deleted only after that, so a crash mid-write never destroys the previous checkpoint; a
@@ -41,6 +42,7 @@ STATE_FILE = "state.json"
 ADAPTER_FILE = "adapter.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
+EMA_FILE = "ema.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -102,8 +104,14 @@ def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
 
 # ---------------------------------------------------------------------- optimizer state
 def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors (for safetensors) and the JSON rest. A nested dict of tensors (bitsandbytes wraps its quantization
+    state in one, which its ``load_state_dict`` also takes unwrapped) is flattened into the parameter's state."""
     tensors, scalars = {}, {}
     for index, values in state_dict["state"].items():
+        nested = [key for key, value in values.items() if isinstance(value, dict)]
+        values = {key: value for key, value in values.items() if key not in nested}
+        for key in nested:
+            values.update(state_dict["state"][index][key])
         for key, value in values.items():
             if torch.is_tensor(value):
                 tensors[f"state.{index}.{key}"] = value
@@ -131,6 +139,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     rng_states: dict[str, torch.Tensor],
     total_limit: int | None,
+    ema_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically, then prune the oldest beyond ``total_limit``. Returns its path.
 
@@ -141,7 +150,7 @@ def save_checkpoint(
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
     try:
-        _write_checkpoint(tmp, adapter_state, training, optimizer, rng_states, step)
+        _write_checkpoint(tmp, adapter_state, training, optimizer, rng_states, step, ema_state)
     except (OSError, SafetensorError) as error:
         shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(output_dir)
@@ -169,15 +178,29 @@ def save_checkpoint(
     return final
 
 
-def _write_checkpoint(tmp: Path, adapter_state, training: dict, optimizer, rng_states, step: int) -> None:
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of tensors that share memory with an earlier one (bitsandbytes gives every parameter's state the same
+    code book): safetensors refuses shared storage."""
+    seen, out = set(), {}
+    for key, value in tensors.items():
+        pointer = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if pointer in seen and value.numel() else value
+        seen.add(pointer)
+    return out
+
+
+def _write_checkpoint(tmp: Path, adapter_state, training: dict, optimizer, rng_states, step: int, ema_state) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
-    for name, tensors in ((ADAPTER_FILE, adapter_state), (OPTIMIZER_FILE, opt_tensors), (RNG_FILE, rng_states)):
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+    parts = {ADAPTER_FILE: adapter_state, OPTIMIZER_FILE: opt_tensors, RNG_FILE: rng_states}
+    if ema_state is not None:
+        parts[EMA_FILE] = ema_state
+    for name, tensors in parts.items():
+        save_file(_unshared({k: v.detach().contiguous().cpu() for k, v in tensors.items()}), str(tmp / name))
     files = {}
-    for name in (ADAPTER_FILE, OPTIMIZER_FILE, RNG_FILE):
+    for name in parts:
         with open(tmp / name, "rb") as handle:
             os.fsync(handle.fileno())
         files[name] = _file_digest(tmp / name)
@@ -195,6 +218,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], di
     path = Path(path)
     state = verify_checkpoint(path)
     return state, load_file(str(path / ADAPTER_FILE)), load_file(str(path / RNG_FILE))
+
+
+def load_ema(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The EMA tensors of a checkpoint (checked with the rest by ``load_checkpoint``), or None when it has none."""
+    file = Path(path) / EMA_FILE
+    return load_file(str(file)) if file.is_file() else None
 
 
 def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer, state: dict) -> None:

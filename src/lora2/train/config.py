@@ -30,6 +30,8 @@ from lora2.export.keys import FORMATS
 from lora2.lora.config import LoRA2Config
 from lora2.rank.math import SCALINGS
 from lora2.train.adapters import ADAPTER_TYPES, backend_class
+from lora2.train.buckets import BUCKET_STEP
+from lora2.train.data import IMAGE_SUFFIXES
 
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 DEFAULT_SAMPLE_PROMPTS = (
@@ -39,10 +41,10 @@ DEFAULT_SAMPLE_PROMPTS = (
     "a painting of {instance}",
 )
 MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-OPTIMIZERS = ("adamw", "adam", "adamw8bit", "adam8bit")
+OPTIMIZERS = ("adamw", "adam", "adamw8bit", "adam8bit", "prodigy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MODEL_TYPES = ("auto", "sdxl", "sd15")
-REPORTERS = ("tensorboard", "none")
+REPORTERS = ("tensorboard", "wandb", "none")
 SMALL_IMAGES = ("upscale", "error")
 RANK_MODES = ("adaptive", "fixed")
 CHOICES = {
@@ -71,6 +73,7 @@ _AT_LEAST = {
     "num_validation_images": 1,
     "lr_num_cycles": 1,
     "adalora_delta_t": 1,
+    "keep_tokens": 0,
     "lr_warmup_steps": 0,
     "validation_steps": 0,
     "seed": 0,
@@ -84,7 +87,8 @@ _AT_LEAST = {
     "lr_power": 0.0,
 }
 _POSITIVE = ("learning_rate", "nu_lr", "text_encoder_lr", "adam_epsilon", "snr_gamma")
-_FRACTIONS = ("adam_beta1", "adam_beta2", "adalora_tinit", "adalora_tfinal")  # in [0, 1)
+# in [0, 1)
+_FRACTIONS = ("adam_beta1", "adam_beta2", "adalora_tinit", "adalora_tfinal", "caption_dropout_rate", "ema_decay")
 # flat option names of the LoRA2Config fields (``adaptive`` is spelled ``rank_mode``)
 LORA_KEYS = tuple(f.name for f in dataclasses.fields(LoRA2Config) if f.name != "adaptive")
 
@@ -102,7 +106,18 @@ class TrainConfig:
         prompts_and_classes.txt beside it).
     instance_prompt: training prompt with the identifier (default 'a <identifier> <class_name>').
     class_data_dir: prior-preservation images (default: generated into <output_dir>/class_images).
+    caption_extension: per-image caption files '<image name><extension>' (kohya's sidecars, e.g. '.txt'; default:
+        none, off); a metadata.jsonl in the folder ({"file_name", "text"} per line) is read either way. The
+        identifier is placed before the class name where a caption names it, else the instance prompt is prepended.
+    caption_dropout_rate: probability that an instance sample's caption is replaced by the empty prompt (kohya).
+    shuffle_caption: shuffle the comma-separated tags of each instance caption every step (kohya; prompt embeddings
+        are then computed every step, not cached).
+    keep_tokens: with shuffle_caption: the first N tags stay in place (kohya's keep_tokens).
     resolution: training image side (default: the base model's native size, 1024 for SDXL).
+    aspect_buckets: train at SDXL-style aspect-ratio buckets of about resolution² pixels (sides multiples of 64,
+        aspect 1:4 to 4:1) instead of square crops; each batch from one bucket.
+    masked_loss: weight the loss by a mask per image: the PNG's alpha channel, or masks/<same name> in the instance
+        folder (white = learn, black = ignore; kohya's masked loss); class images are unmasked.
     small_images: images smaller than the resolution: upscale with a warning, or error.
     adapter_type: lora2 (LoRA² / fixed-rank LoRA), or the peft baselines dora / adalora (UNet only).
     lora: the adapter (LoRA2Config); its fields are options of their own (init_rank, target_rank, ...) and
@@ -112,10 +127,13 @@ class TrainConfig:
     adalora_tfinal: AdaLoRA: fraction of the steps trained at the final ranks (peft tfinal).
     adalora_delta_t: AdaLoRA: steps between two budget allocations (peft deltaT).
     orth_reg_weight: AdaLoRA: weight of the orthogonal regularization of P and Q.
-    nu_lr: learning rate of the log ν parameters (their own param group).
+    nu_lr: learning rate of the log ν parameters (their own param group; plain Adam steps with --optimizer prodigy).
+    optimizer: adamw, adam, adamw8bit / adam8bit (bitsandbytes), prodigy (prodigyopt; use --learning-rate 1.0).
+    ema_decay: EMA of the adapter weights, used for samples and the exported files (0 = off; e.g. 0.999).
     text_encoder_lr: learning rate of the text-encoder adapters (default: learning_rate).
     snr_gamma: min-SNR-γ loss weighting (Hang et al. 2023); none = plain MSE.
     rank_check_steps: steps between checks that every process holds the same ranks (multi-GPU).
+    report_to: tensorboard, wandb (its run folder under the output folder; WANDB_MODE=offline works offline), none.
     export_formats: adapter files written at the end (diffusers, kohya, peft, lora2).
     """
 
@@ -134,15 +152,21 @@ class TrainConfig:
     class_name: str | None = None
     class_prompt: str | None = None
     with_prior_preservation: bool = False
+    caption_extension: str | None = None
+    caption_dropout_rate: float = 0.0
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
     class_data_dir: str | None = None
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
     class_generation_steps: int = 25
     resolution: int | None = None
+    aspect_buckets: bool = False
     center_crop: bool = True
     random_flip: bool = False
     cache_latents: bool = True
     small_images: str = "upscale"
+    masked_loss: bool = False
     # adapter: LoRA² (or the peft baselines, built from the same fields where their meaning fits)
     adapter_type: str = "lora2"
     lora: LoRA2Config = field(default_factory=LoRA2Config)
@@ -174,6 +198,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     snr_gamma: float | None = None
     noise_offset: float = 0.0
+    ema_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
     # operations
@@ -210,11 +235,29 @@ class TrainConfig:
                 raise ValueError(f"{key} must lie in [0, 1), got {getattr(self, key)!r}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ValueError(f"resolution must be a multiple of 8 (VAE downsampling), got {self.resolution}")
+        self._check_photo_options()
         if not self.identifier.strip():
             raise ValueError("identifier must be a non-empty token such as 'sks'")
         if not isinstance(self.lora, LoRA2Config):
             raise ValueError(f"lora must be a LoRA2Config, got {type(self.lora).__name__}")
         backend_class(self.adapter_type).check_config(self)
+
+    def _check_photo_options(self) -> None:
+        if self.aspect_buckets and self.resolution is not None and self.resolution % BUCKET_STEP:
+            raise ValueError(
+                f"aspect_buckets needs a resolution that is a multiple of {BUCKET_STEP} (bucket sides are), "
+                f"got {self.resolution}"
+            )
+        extension = self.caption_extension
+        if extension is not None and (
+            not extension.startswith(".") or len(extension) < 2 or "/" in extension or extension in IMAGE_SUFFIXES
+        ):
+            raise ValueError(f"caption_extension must be a non-image file suffix such as '.txt', got {extension!r}")
+        if self.optimizer == "prodigy" and self.text_encoder_lr not in (None, self.learning_rate):
+            raise ValueError(
+                "optimizer 'prodigy' takes one learning rate for all adapter weights (it scales its own step size): "
+                f"text_encoder_lr {self.text_encoder_lr} differs from learning_rate {self.learning_rate}"
+            )
 
     # ------------------------------------------------------------------ derived configs
     @property

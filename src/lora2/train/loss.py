@@ -25,11 +25,20 @@ def noised_inputs(
 
 
 def diffusion_loss(
-    prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler, snr_gamma: float | None
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise_scheduler,
+    snr_gamma: float | None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample MSE (B,), optionally with min-SNR-γ weighting (Hang et al. 2023: w = min(SNR, γ)/SNR, or /(SNR+1)
-    for v-prediction)."""
-    mse = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.dim())))
+    for v-prediction). ``mask`` (B, 1, h, w) weighs each latent position before the mean (kohya's masked loss: not
+    renormalised by the mask's area)."""
+    error = F.mse_loss(prediction.float(), target.float(), reduction="none")  # (B, C, h, w)
+    if mask is not None:
+        error = error * mask
+    mse = error.mean(dim=tuple(range(1, target.dim())))  # (B,)
     if snr_gamma is None:
         return mse  # (B,)
     snr = compute_snr(noise_scheduler, timesteps)  # (B,)

@@ -14,8 +14,12 @@ none for DoRA). After each optimizer step the backend acts: LoRA² ranks follow 
 re-allocated parameters in the optimizer), AdaLoRA allocates its budget.
 
 Random state: the global torch RNG is seeded identically on every process (adapter init and the fresh rows of
-growing ranks come from it, so they match across processes); per-process noise, timesteps, flips and crops come
-from the trainer's own ``torch.Generator`` (seed + process index); the data order is a pure function of (seed, step).
+growing ranks come from it, so they match across processes); per-process noise, timesteps, flips, crops, caption
+dropout and tag shuffling come from the trainer's own ``torch.Generator`` (seed + process index); the data order
+(aspect-ratio buckets too) is a pure function of (seed, step).
+
+People's photos (``lora2.train.captions``, ``buckets``, ``masks``, ``ema``): per-image captions, aspect-ratio buckets
+with SDXL's size and crop conditioning, masked loss, an EMA of the adapter used for the outputs; each is one call here.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import logging
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,9 +37,10 @@ from torch import nn
 
 import lora2.train.checkpoint as ckpt
 from lora2.train.adapters import backend_class
-from lora2.train.batches import TrainingData
+from lora2.train.batches import TrainingData, instance_images, prior_images
+from lora2.train.captions import caption_companions, caption_source, instance_captions
 from lora2.train.config import TrainConfig
-from lora2.train.data import TrainImage, list_images, prepare_image
+from lora2.train.data import TrainImage, list_images
 from lora2.train.distributed import (
     GradientReducer,
     average_terms,
@@ -45,6 +50,7 @@ from lora2.train.distributed import (
     training_device,
     verify_ranks,
 )
+from lora2.train.ema import start_ema
 from lora2.train.entropy import EntropyCollector, install_entropy_processors
 from lora2.train.loss import diffusion_loss, noised_inputs
 from lora2.train.model import encode_prompts, identifier_positions, load_components, native_resolution, resolve_base
@@ -68,9 +74,10 @@ from lora2.train.tracking import StepLog
 logger = logging.getLogger(__name__)
 
 CARD_SETTINGS = (
-    "adapter_type", "rank_mode", "init_rank", "max_rank", "target_rank", "quantile", "learning_rate", "nu_lr",
-    "max_train_steps", "train_batch_size", "resolution", "seed", "rank_reg_weight", "entropy_weight",
-    "with_prior_preservation",
+    "adapter_type", "rank_mode", "init_rank", "max_rank", "target_rank", "quantile", "optimizer", "learning_rate",
+    "nu_lr", "max_train_steps", "train_batch_size", "resolution", "aspect_buckets", "caption_extension",
+    "caption_dropout_rate", "shuffle_caption", "keep_tokens", "masked_loss", "ema_decay", "seed", "rank_reg_weight",
+    "entropy_weight", "with_prior_preservation",
 )  # fmt: skip
 
 
@@ -87,7 +94,8 @@ class TrainResult:
     """What a run produced. status: "completed" or "interrupted" (SIGTERM/SIGINT: checkpoint written).
 
     ranks: final rank per module (``<prefix>.<module>``); losses: total loss per step of this run;
-    adapter_state: the adapter's full state, as written into checkpoints; signal_name: the signal that stopped it.
+    adapter_state: the adapter's full state, as written into checkpoints (live weights); ema_state: its EMA (when
+    --ema-decay is on); signal_name: the signal that stopped it.
     """
 
     output_dir: Path
@@ -97,6 +105,7 @@ class TrainResult:
     files: dict[str, Path] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     adapter_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    ema_state: dict[str, torch.Tensor] = field(default_factory=dict)
     signal_name: str = ""
 
 
@@ -191,9 +200,8 @@ class DreamBoothRecipe:
             self.config = config = config.replace(resolution=native_resolution(self.base, config.revision))
             logger.info("resolution %d (the base model's native size)", config.resolution)
         self.instance_paths, self.instance_prompt, self.class_name = resolve_instance(config)
-        self.images: list[TrainImage] = [
-            prepare_image(p, config.resolution, config.small_images) for p in self.instance_paths
-        ]
+        self.captions = instance_captions(self.instance_paths, config, self.instance_prompt, self.class_name)
+        self.images: list[TrainImage] = instance_images(self.instance_paths, config)  # square, or bucketed
         torch.manual_seed(config.seed)  # identical on every process: adapter init and grown rank rows match
         self.components = components = load_components(self.base, config.revision, config.variant, config.model_type)
         self.autocast = torch.autocast(
@@ -219,8 +227,7 @@ class DreamBoothRecipe:
                 with torch.random.fork_rng(devices=[]):
                     generate_class_images(self.components, config, self.class_prompt, class_dir, self.autocast)
             processes.barrier()
-            paths = list_images(class_dir)[: config.num_class_images]
-            class_images = [prepare_image(p, config.resolution, config.small_images) for p in paths]
+            class_images = prior_images(list_images(class_dir)[: config.num_class_images], config)
         self.has_class_images = bool(class_images)
         logger.info("%d instance images, prompt %r; %d class images", len(self.images), self.instance_prompt,
                     len(class_images))  # fmt: skip
@@ -234,6 +241,7 @@ class DreamBoothRecipe:
             self.device,
             processes,
             self._encode,
+            self.captions,
         )
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -251,6 +259,8 @@ class DreamBoothRecipe:
             components.unet.enable_gradient_checkpointing()
         self.collector = None
         if config.entropy_weight > 0:
+            if self.data.varies_prompts:
+                raise ValueError("entropy_weight needs the one instance prompt: not with captions or caption options")
             positions = identifier_positions(components.tokenizers[0], self.instance_prompt, config.identifier)
             self.collector = EntropyCollector(positions)
             layers = install_entropy_processors(components.unet, self.collector)
@@ -290,6 +300,7 @@ class DreamBoothRecipe:
                 self.scaler.load_state_dict(state["grad_scaler"])
             restore_rng(self._rng, self.generator, self.device, self.processes)
             logger.info("resumed from %s at step %d", self.resume_path, self.start_step)
+        self.ema = start_ema(config.ema_decay, self.backend, self.resume_path)  # None when off
 
     def _setup_logging(self) -> None:
         config, folder = self.config, self.folder
@@ -297,7 +308,9 @@ class DreamBoothRecipe:
             if self.resume_path is None:
                 config.save_yaml(folder.config_path)
             folder.truncate_log(self.start_step)
-        self.log = StepLog(folder, config.report_to, config.max_train_steps, self.start_step, self.processes.main)
+        self.log = StepLog(
+            folder, config.report_to, config.max_train_steps, self.start_step, self.processes.main, config.to_dict()
+        )
         self.log.start(self.start_step, self.backend.ranks())
 
     # ------------------------------------------------------------------ the loop
@@ -328,8 +341,9 @@ class DreamBoothRecipe:
         files = self.save_outputs() if status == "completed" else {}
         self.processes.barrier()
         state = {key: value.detach().cpu().clone() for key, value in self.backend.state().items()}
+        ema = {key: value.cpu().clone() for key, value in self.ema.average.items()} if self.ema else {}
         return TrainResult(
-            self.folder.root, step, status, self.backend.ranks(), files, self.losses, state, self.stop.signal_name
+            self.folder.root, step, status, self.backend.ranks(), files, self.losses, state, ema, self.stop.signal_name
         )
 
     def train_step(self, step: int) -> torch.Tensor:
@@ -340,18 +354,18 @@ class DreamBoothRecipe:
         terms = torch.zeros(5, dtype=torch.float64)
         for micro in range(config.gradient_accumulation_steps):
             samples = self.data.samples(step * config.gradient_accumulation_steps + micro)
-            kinds = [kind for kind, _ in samples]
-            latents, time_ids = self.data.latents(samples)  # (B, C, h, w), (B, 6)
+            kinds = [sample.kind for sample in samples]
+            latents, time_ids, masks = self.data.latents(samples)  # (B, C, h, w), (B, 6), (B, 1, h, w) | None
             noisy, timesteps, target = noised_inputs(
                 latents, scheduler, config.noise_offset, self.generator, self.device
             )
-            embeds, pooled = self.data.text(kinds)  # (B, T, D), (B, P) | None
+            embeds, pooled = self.data.text(samples)  # (B, T, D), (B, P) | None: the captions of this step
             added = {"text_embeds": pooled, "time_ids": time_ids.to(embeds.dtype)} if pooled is not None else None
             if self.collector is not None:
                 self.collector.start(torch.tensor([kind == "instance" for kind in kinds]))
             with self.autocast:
                 prediction = unet(noisy.to(config.weight_dtype), timesteps, embeds, added_cond_kwargs=added).sample
-            per_sample = diffusion_loss(prediction, target, timesteps, scheduler, config.snr_gamma)  # (B,)
+            per_sample = diffusion_loss(prediction, target, timesteps, scheduler, config.snr_gamma, masks)  # (B,)
             mse = per_sample[:batch].mean()
             prior = per_sample[batch:].mean() if self.has_class_images else torch.zeros((), device=self.device)
             regularization = self.backend.regularization()
@@ -390,6 +404,8 @@ class DreamBoothRecipe:
             self.backend.after_step(self.optimizer, step)  # LoRA²: ranks follow ν; AdaLoRA: budget (uses gradients)
         except FloatingPointError as error:
             self._diverged(step, str(error))
+        if self.ema is not None:
+            self.ema.update()  # after the ranks followed ν: the average follows re-allocated layers
         self.optimizer.zero_grad(set_to_none=True)
 
     def _trainable(self) -> list[nn.Parameter]:
@@ -416,7 +432,7 @@ class DreamBoothRecipe:
             }
             ckpt.save_checkpoint(
                 self.folder.root, step, self.backend.state(), training, self.optimizer, rng,
-                self.config.checkpoints_total_limit,
+                self.config.checkpoints_total_limit, self.ema.average if self.ema else None,
             )  # fmt: skip
         self.processes.barrier()
 
@@ -431,17 +447,26 @@ class DreamBoothRecipe:
         self.folder.record(VALIDATION_DIR)
         folder.mkdir(exist_ok=True)
         prompt = config.validation_prompt or self.instance_prompt
-        with on_device(self.parked, self.device):
+        with on_device(self.parked, self.device), self.ema_weights():
             for index in range(config.num_validation_images):
                 image = sample_images(self.components, config, [prompt], config.seed + index, self.autocast)[0]
                 image.save(folder / f"step{step:06d}_{index}.png")
                 self.log.image(f"validation/{index}", image, step)
         self.components.unet.train()
 
+    def ema_weights(self):
+        """The adapter holds its EMA inside the block when --ema-decay is on (samples, exported files)."""
+        return self.ema.applied() if self.ema is not None else nullcontext()
+
     def save_outputs(self) -> dict[str, Path]:
-        """Adapter files, rank heatmap, samples (base vs adapted), the grid and the model card (main process)."""
+        """Adapter files, rank heatmap, samples (base vs adapted), the grid and the model card (main process); with
+        --ema-decay, of the EMA weights."""
         if not self.processes.main:
             return {}
+        with self.ema_weights():
+            return self._save_outputs()
+
+    def _save_outputs(self) -> dict[str, Path]:
         config, folder = self.config, self.folder
         state = self.backend.state()
         if not all(bool(torch.isfinite(value).all()) for value in state.values()):
@@ -456,6 +481,7 @@ class DreamBoothRecipe:
         files.update(self._write_samples())
         files["model_card"] = folder.path(MODEL_CARD)
         settings = {key: config.to_dict()[key] for key in CARD_SETTINGS}
+        settings["captions"] = caption_source(Path(config.instance_data_dir), config.caption_extension)
         ranks = self.backend.ranks()
         written = {fmt: path.name + ("/" if path.is_dir() else "") for fmt, path in adapters.items()}
         write_model_card(
@@ -494,7 +520,7 @@ def resolve_instance(config: TrainConfig) -> tuple[list[Path], str, str | None]:
         from lora2.data.dreambooth import load_subject
 
         class_name = load_subject(folder).class_name
-    paths = list_images(folder)
+    paths = list_images(folder, companions=caption_companions(folder, config.caption_extension))
     if config.instance_prompt:
         prompt = config.instance_prompt
     elif class_name:

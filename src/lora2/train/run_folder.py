@@ -15,6 +15,7 @@ all ask this module)::
       peft/                             peft folder (``PeftModel.from_pretrained``)
       README.md                         model card
       rank_heatmap.png, sample_grid.png, samples/, validation/, tensorboard/
+      wandb/                            Weights & Biases' local run folders (--report-to wandb)
       checkpoint-<step>/                resumable training state (``lora2.train.checkpoint``)
       class_images/                     generated prior-preservation images (a cache: kept by --overwrite)
 
@@ -49,6 +50,7 @@ SAMPLE_GRID = "sample_grid.png"
 SAMPLES_DIR = "samples"
 VALIDATION_DIR = "validation"
 TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"  # wandb.init(dir=<run folder>) writes here
 CLASS_IMAGES_DIR = "class_images"
 CHECKPOINT_PREFIX = "checkpoint-"
 PEFT_DIR = "peft"
@@ -66,6 +68,7 @@ LAYOUT = (
     SAMPLES_DIR,
     VALIDATION_DIR,
     TENSORBOARD_DIR,
+    WANDB_DIR,
     *ADAPTER_FILES.values(),
 )
 

@@ -1,9 +1,13 @@
-"""What a run reports as it trains: log.jsonl, TensorBoard, and a progress line.
+"""What a run reports as it trains: log.jsonl, TensorBoard or Weights & Biases, and a progress line.
 
 Per step the work does not grow with the number of adapted layers beyond one comparison of the rank vector: the
 per-module ranks (560 entries at SDXL scale) are written to log.jsonl only at step 0 and when a rank changed
 (``RunFolder.rank_history`` fills the steps between). The progress is a tqdm bar on a terminal and a plain log line
 every few percent of the run (and at least every minute) when stderr is not one, so a log file stays readable.
+
+Weights & Biases (``--report-to wandb``, an optional dependency): one wandb run per ``lora2 train`` call, in project
+"lora2", named after the run folder, its local files in ``<run folder>/wandb/`` (``WANDB_MODE=offline`` keeps them
+there, for ``wandb sync`` later); the same scalars as TensorBoard, the rank histogram and validation images.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lora2.train.run_folder import TENSORBOARD_DIR, RunFolder
+from lora2.train.run_folder import TENSORBOARD_DIR, WANDB_DIR, RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -27,15 +31,19 @@ MIB = 2**20
 class StepLog:
     """log.jsonl + TensorBoard + progress of one run (the main process writes; the others only count)."""
 
-    def __init__(self, folder: RunFolder, report_to: str, total: int, start_step: int, main: bool) -> None:
+    def __init__(
+        self, folder: RunFolder, report_to: str, total: int, start_step: int, main: bool, config: dict | None = None
+    ) -> None:
         self.folder, self.total, self.main = folder, total, main
         self.last_ranks: dict[str, int] | None = None
-        self.writer = None
+        self.writer = self.wandb = None
         if main and report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
             folder.record(TENSORBOARD_DIR)
             self.writer = SummaryWriter(str(folder.path(TENSORBOARD_DIR)), purge_step=start_step + 1)
+        if main and report_to == "wandb":
+            self.wandb = start_wandb(folder, config or {})
         self.progress = Progress(total, start_step, enabled=main)
 
     def start(self, step: int, ranks: dict[str, int]) -> None:
@@ -57,20 +65,46 @@ class StepLog:
             record["ranks"] = ranks
             self.last_ranks = ranks
         self.folder.append_log(record)
+        scalars = {f"train/{key}": record[key] for key in (*TERMS, "lr", "total_rank", "adapter_params")}
         if self.writer is not None:
-            for key in (*TERMS, "lr", "total_rank", "adapter_params"):
-                self.writer.add_scalar(f"train/{key}", record[key], step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
             if changed:
                 self.writer.add_histogram("train/ranks", torch.tensor(list(ranks.values())), step)
+        if self.wandb is not None:
+            if changed:
+                scalars["train/ranks"] = self.wandb_module.Histogram(list(ranks.values()))
+            self.wandb.log(scalars, step=step)
 
     def image(self, tag: str, image, step: int) -> None:
         if self.writer is not None:
             self.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+        if self.wandb is not None:
+            self.wandb.log({tag: self.wandb_module.Image(image)}, step=step)
+
+    @property
+    def wandb_module(self):
+        import wandb
+
+        return wandb
 
     def close(self) -> None:
         self.progress.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(folder: RunFolder, config: dict):
+    """A wandb run whose local files go to ``<run folder>/wandb/`` (``ValueError`` when wandb is not installed)."""
+    try:
+        import wandb
+    except ImportError as error:
+        raise ValueError("--report-to wandb needs wandb: pip install 'lora2[wandb]'") from error
+    folder.record(WANDB_DIR)
+    folder.path(WANDB_DIR).mkdir(exist_ok=True)
+    return wandb.init(project="lora2", name=folder.root.name, dir=str(folder.root), config=config)
 
 
 class Progress:

@@ -54,6 +54,11 @@ class AdaLoRABackend(PeftBackend):
         lora = config.lora
         if lora.rank_pattern:
             raise ValueError(f"rank_pattern is not supported with adapter_type 'adalora', got {lora.rank_pattern}")
+        if config.ema_decay:
+            raise ValueError(
+                f"ema_decay {config.ema_decay} is not supported with adapter_type 'adalora' (its budget allocation "
+                "zeroes singular values that an average would bring back)"
+            )
         if lora.target_rank != int(lora.target_rank) or not 1 <= lora.target_rank <= lora.init_rank:
             raise ValueError(
                 f"adapter_type 'adalora' needs an integer target_rank in [1, init_rank={lora.init_rank}] "

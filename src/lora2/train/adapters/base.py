@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from lora2.train.config import TrainConfig
     from lora2.train.run_folder import RunFolder
 
+NU_GROUP = "log_nu"  # the "name" of ν's parameter group: it keeps its own learning rate under every optimizer
+
 
 class AdapterBackend:
     """One adapter type. Subclasses set ``name``/``label`` and implement every method that raises here."""
@@ -66,6 +68,11 @@ class AdapterBackend:
     def state(self) -> dict[str, torch.Tensor]:
         """Every adapter tensor a checkpoint must hold to continue exactly, keyed ``<prefix>.<name>``."""
         raise NotImplementedError
+
+    def rank_axes(self) -> dict[str, tuple[str, int]]:
+        """``state()`` keys whose size follows a rank: key → (module key of ``ranks()``, axis of the rank positions).
+        Empty for types whose tensors keep their shapes."""
+        return {}
 
     def restore(self, tensors: dict[str, torch.Tensor], ranks: dict[str, int]) -> None:
         """Take a checkpoint's ``state()`` back (before the optimizer is built over the parameters)."""

@@ -19,7 +19,7 @@ from lora2.inject import inject
 from lora2.lora.layer import LoRA2Layer
 from lora2.lora.model import adapter_parameter_count, layers_of, regularization
 from lora2.lora.optim import sync_ranks
-from lora2.train.adapters.base import AdapterBackend
+from lora2.train.adapters.base import NU_GROUP, AdapterBackend
 from lora2.train.atomic import replacing
 from lora2.train.run_folder import RunFolder
 
@@ -51,7 +51,7 @@ class LoRA2Backend(AdapterBackend):
             groups.append({"params": weights, "lr": lr, "weight_decay": config.adam_weight_decay})
         nus = [layer.log_nu for _, layer in self._layers() if layer.adaptive]
         if nus:
-            groups.append({"params": nus, "lr": config.nu_lr, "weight_decay": 0.0})
+            groups.append({"params": nus, "lr": config.nu_lr, "weight_decay": 0.0, "name": NU_GROUP})
         return groups
 
     def regularization(self) -> torch.Tensor:
@@ -73,6 +73,10 @@ class LoRA2Backend(AdapterBackend):
             for key, layer in self._layers()
             for attr in ("lora_A", "lora_B", "log_nu")
         }
+
+    def rank_axes(self) -> dict[str, tuple[str, int]]:
+        axes = (("lora_A", 0), ("lora_B", 1))  # A's rows, B's columns are the rank positions
+        return {f"{key}.{attr}": (key, axis) for key, _ in self._layers() for attr, axis in axes}
 
     def restore(self, tensors: dict[str, torch.Tensor], ranks: dict[str, int]) -> None:
         self.check_names(ranks)
