@@ -251,73 +251,75 @@ def _load_component(
     missing = sorted(set(injected_layers) - set(resolved.values()))
     if missing:
         raise ValueError(f"{label}: the file has no weights for {len(missing)} adapted module(s): {missing[:5]}")
-
-    described = ((file.lora2 or {}).get("components") or {}).get(file_component) or {}
-    infos = {underscore(name): info for name, info in (described.get("modules") or {}).items()}
-    raw = {underscore(name): value for name, value in ((file.raw or {}).get(file_component) or {}).items()}
     for file_name, name in resolved.items():
-        lora, base = modules[file_name], candidates[name]
-        _check_fit(label, file_name, lora, base)
+        _check_fit(label, file_name, modules[file_name], candidates[name])
         if injected_layers:
-            layer = injected_layers[name]
-            if layer.merged:
-                raise ValueError(f"{label}: module {name!r} is merged; call lora2.unmerge(model) before loading")
-            if lora.rank > layer.config.max_rank:
-                raise ValueError(
-                    f"{label}: module {file_name!r} has rank {lora.rank} > max_rank "
-                    f"{layer.config.max_rank} of the model's LoRA² config"
-                )
-
+            _check_layer(label, file_name, modules[file_name], injected_layers[name])
+    described = ((file.lora2 or {}).get("components") or {}).get(file_component) or {}
     injected_here = not injected_layers
     if injected_here:
-        names = sorted(resolved.values())
-        max_rank = max(lora.rank for lora in modules.values())
-        if "config" in described:
-            stored = header_config(path, file_component, described)
-            config = LoRA2Config.from_dict(
-                {
-                    **stored.to_dict(),
-                    "target_modules": names,
-                    "exclude_modules": [],
-                    "rank_pattern": {},
-                    "max_rank": max(stored.max_rank, max_rank),
-                }
-            )
-        else:
-            config = LoRA2Config(target_modules=names, adaptive=False, init_rank=1, max_rank=max_rank)
-        inject(model, config)
+        _inject_for_file(model, sorted(resolved.values()), modules, described, label, path, file_component)
         injected_layers = dict(lora_layers(model))
-        logger.info(
-            "%s: injected %s LoRA into %d modules", label, "LoRA²" if config.adaptive else "fixed-rank", len(names)
+    raw = {underscore(name): value for name, value in ((file.raw or {}).get(file_component) or {}).items()}
+    ranks, nu_restored = _set_layers(injected_layers, resolved, modules, described, raw, label)
+    return ranks, injected_here, nu_restored
+
+
+def _check_layer(label: str, file_name: str, lora: LoraModule, layer: LoRA2Layer) -> None:
+    if layer.merged:
+        raise ValueError(f"{label}: module {layer.name!r} is merged; call lora2.unmerge(model) before loading")
+    if lora.rank > layer.config.max_rank:
+        raise ValueError(
+            f"{label}: module {file_name!r} has rank {lora.rank} > max_rank {layer.config.max_rank} of the model's "
+            "LoRA² config"
         )
 
-    nu_restored = False
-    ranks, inconsistent = {}, []
-    with torch.no_grad():
-        for file_name, name in resolved.items():
-            layer, lora = injected_layers[name], modules[file_name]
-            info = infos.get(underscore(file_name), {})
-            rank = lora.rank
-            layer.set_rank(rank)
-            if layer.adaptive:
-                if info.get("adaptive") and "log_nu" in info:
-                    layer.log_nu.fill_(info["log_nu"])
-                    nu_restored = True
-                else:
-                    layer.log_nu.fill_(math.log(nu_for_rank(rank, layer.config.quantile)))
-                if layer.target_rank_from_nu() != rank:
-                    inconsistent.append(name)
-            _assign(layer, lora, raw.get(underscore(file_name)), info)
-            ranks[name] = rank
+
+def _inject_for_file(
+    model: nn.Module, names: list[str], modules: dict, described: dict, label: str, path: Path, component: str
+) -> None:
+    """Inject LoRA² into exactly the file's modules: with the stored LoRA2Config when the file has a lora2 header
+    (training can resume), else as fixed-rank LoRA at each module's rank."""
+    max_rank = max(lora.rank for lora in modules.values())
+    if "config" in described:
+        stored = header_config(path, component, described).to_dict()
+        overrides = {"target_modules": names, "exclude_modules": [], "rank_pattern": {}}
+        config = LoRA2Config.from_dict({**stored, **overrides, "max_rank": max(stored["max_rank"], max_rank)})
+    else:
+        config = LoRA2Config(target_modules=names, adaptive=False, init_rank=1, max_rank=max_rank)
+    inject(model, config)
+    kind = "LoRA²" if config.adaptive else "fixed-rank"
+    logger.info("%s: injected %s LoRA into %d modules", label, kind, len(names))
+
+
+@torch.no_grad()
+def _set_layers(
+    layers: dict[str, LoRA2Layer], resolved: dict[str, str], modules: dict, described: dict, raw: dict, label: str
+) -> tuple[dict[str, int], bool]:
+    """Set each layer's rank, ν (from the header, else the middle of the rank's ν interval) and weights; returns
+    (ranks by module, whether any ν came from the header)."""
+    infos = {underscore(name): info for name, info in (described.get("modules") or {}).items()}
+    nu_restored, ranks, inconsistent = False, {}, []
+    for file_name, name in resolved.items():
+        layer, lora = layers[name], modules[file_name]
+        info = infos.get(underscore(file_name), {})
+        layer.set_rank(lora.rank)
+        if layer.adaptive:
+            if info.get("adaptive") and "log_nu" in info:
+                layer.log_nu.fill_(info["log_nu"])
+                nu_restored = True
+            else:
+                layer.log_nu.fill_(math.log(nu_for_rank(lora.rank, layer.config.quantile)))
+            if layer.target_rank_from_nu() != lora.rank:
+                inconsistent.append(name)
+        _assign(layer, lora, raw.get(underscore(file_name)), info)
+        ranks[name] = lora.rank
     if inconsistent:
         logger.warning(
-            "%s: for %d module(s) ν implies another rank than the file's under this config; the rank "
-            "will follow ν at the next optimizer step: %s",
-            label,
-            len(inconsistent),
-            inconsistent[:5],
-        )
-    return ranks, injected_here, nu_restored
+            "%s: for %d module(s) ν implies another rank than the file's under this config; the rank will follow ν "
+            "at the next optimizer step: %s", label, len(inconsistent), inconsistent[:5],
+        )  # fmt: skip
+    return ranks, nu_restored
 
 
 def _assign(layer: LoRA2Layer, lora: LoraModule, raw: tuple | None, info: dict) -> None:
