@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 logger = logging.getLogger("lora2")
 
@@ -17,6 +18,9 @@ def _train(args: argparse.Namespace) -> int:
     from lora2.train.config import config_from_args
     from lora2.train.recipe import TrainingDiverged, train
 
+    # storage that grows and shrinks with the ranks, cached latents, parked encoders and final samples fragment the
+    # CUDA caching allocator; expandable segments let freed memory be reused (read at the first CUDA allocation)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     config = config_from_args(args)
     try:
         result = train(config)

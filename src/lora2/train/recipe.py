@@ -211,9 +211,8 @@ class DreamBoothRecipe:
             module.requires_grad_(False)
         components.vae.to(self.device)  # stays fp32: latents are computed once (the SDXL VAE overflows in fp16)
         for module in [components.unet, *components.text_encoders]:
-            module.to(self.device)
-            if config.weight_dtype != torch.float32:
-                module.to(dtype=config.weight_dtype)  # frozen weights in half precision; adapters are fp32
+            # frozen weights in half precision (adapters are fp32), cast on the way: never fp32 on the GPU
+            module.to(device=self.device, dtype=config.weight_dtype)
 
     def _setup_data(self) -> None:
         config, processes = self.config, self.processes
@@ -338,6 +337,7 @@ class DreamBoothRecipe:
                     break
                 if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
                     self.save_checkpoint(step)
+        self._release_optimizer()
         files = self.save_outputs() if status == "completed" else {}
         self.processes.barrier()
         state = {key: value.detach().cpu().clone() for key, value in self.backend.state().items()}
@@ -407,6 +407,13 @@ class DreamBoothRecipe:
         if self.ema is not None:
             self.ema.update()  # after the ranks followed ν: the average follows re-allocated layers
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _release_optimizer(self) -> None:
+        """After the last checkpoint the optimizer's state is not needed: its memory goes to the final samples."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
