@@ -583,9 +583,10 @@ ROWS = (
     Row("sdxl-photos", "sdxl",
         "own photos (issue 18): aspect_buckets, caption_extension .txt, caption_dropout_rate, shuffle_caption, "
         "keep_tokens, masked_loss, optimizer prodigy, ema_decay",
-        ("--instance-data-dir", "{data}/photos_dog", "--class-name", "dog", "--aspect-buckets", "--caption-extension", ".txt",
-         "--caption-dropout-rate", "0.1", "--shuffle-caption", "--keep-tokens", "1", "--masked-loss",
-         "--optimizer", "prodigy", "--learning-rate", "1.0", "--ema-decay", "0.999"), needs="photos", weight=1.3),
+        ("--instance-data-dir", "{data}/photos_dog", "--class-name", "dog", "--aspect-buckets",
+         "--caption-extension", ".txt", "--caption-dropout-rate", "0.1", "--shuffle-caption", "--keep-tokens", "1",
+         "--masked-loss", "--optimizer", "prodigy", "--learning-rate", "1.0", "--ema-decay", "0.999"),
+        needs="photos", weight=1.3),
     Row("koala-700m-adaptive", "koala-700m", "KOALA-700m with the defaults"),
     Row("sd15-adaptive", "sd15", "SD 1.5 with the defaults (512 px)"),
 )  # fmt: skip
