@@ -892,24 +892,48 @@ def merge_row(results: dict, record: dict) -> None:
     rows.sort(key=lambda row: order.get(row["name"], len(order)))
 
 
-def merge_files(paths: list[Path]) -> dict:
+def merge_files(paths: list[Path], labels: list[str] | None = None, vs_from: list[str] | None = None) -> dict:
     """Several results files of separate calls as one: rows by name (later files win, not_run never replaces),
-    vs_script keys updated in order with their runs concatenated, calls concatenated."""
+    vs_script keys updated in order with their runs concatenated, calls concatenated.
+
+    ``labels`` (one per file) stamp each row and run with the label of the first file it appears in (``code``: which
+    version of the code measured it, e.g. a commit); ``vs_from`` recomputes the vs_script ratios from the runs of
+    those labels only (runs of older code stay listed)."""
     merged = load_results(Path("/nonexistent"))
     runs: dict[tuple, dict] = {}
     calls: dict[str, dict] = {}
-    for path in paths:
+    seen: dict[str, str] = {}
+    for index, path in enumerate(paths):
         part = load_results(path)
+        label = labels[index] if labels else None
         for record in part["rows"]:
-            merge_row(merged, record)
+            merge_row(merged, _stamped(record, label, seen))
         for run in part["vs_script"].get("runs", []):  # a file that grew over calls repeats earlier runs
-            runs[tuple(run.get(key) for key in ("call", "program", "config", "repeat", "steps", "role"))] = run
+            key = tuple(run.get(k) for k in ("call", "program", "config", "repeat", "steps", "role"))
+            runs.setdefault(key, _stamped(run, label, seen))
         merged["vs_script"].update(part["vs_script"])
         calls.update({call["id"]: call for call in part["calls"]})
     if runs:
         merged["vs_script"]["runs"] = list(runs.values())
+    if vs_from:
+        chosen = [run for run in runs.values() if run.get("code") in vs_from]
+        configs = {name: flags for name, flags in LORA2_CONFIGS.items() if any(r["config"] == name for r in chosen)}
+        summary = vs_summary(chosen, configs, {})
+        stale = [key for key in merged["vs_script"] if key in LORA2_CONFIGS and key not in summary]
+        for key in stale:
+            merged["vs_script"].pop(key)
+        merged["vs_script"].update(summary, ratios_from=list(vs_from))
     merged["calls"] = list(calls.values())
     return merged
+
+
+def _stamped(record: dict, label: str | None, seen: dict[str, str]) -> dict:
+    """The record with ``code`` = the label of the first file holding this very record."""
+    if label is None or "code" in record:
+        return record
+    key = json.dumps(record, sort_keys=True)
+    seen.setdefault(key, label)
+    return {**record, "code": seen[key]}
 
 
 def pack_logs(work: Path, archive: Path) -> None:
@@ -1264,10 +1288,12 @@ def _cell(value, digits: int = 2) -> str:
 
 
 def rows_table(rows: list[dict]) -> list[str]:
+    """One line per row; ``rows at once`` > 1: the GPU was shared (s/step an upper bound; nvidia-smi may sum the
+    processes of the group), ``code``: the label of the code version that measured it (``merge --labels``)."""
     lines = [
         "| row | backbone | status | s/step | peak alloc GiB | peak reserved GiB | nvidia-smi GiB | final mean rank "
-        "| adapter MiB | wall s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| adapter MiB | wall s | rows at once | code |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         status = row["status"] if row["status"] == "ok" else f"**{row['status']}**"
@@ -1275,7 +1301,8 @@ def rows_table(rows: list[dict]) -> list[str]:
             f"| {row['name']} | {row['backbone']} | {status} | {_cell(row.get('s_per_step'), 3)} "
             f"| {_cell(row.get('peak_alloc_gib'), 1)} | {_cell(row.get('peak_process_gib'), 1)} "
             f"| {_cell(row.get('nvidia_smi_gib'), 1)} | {_cell(row.get('final_mean_rank'), 1)} "
-            f"| {_cell(row.get('adapter_mib'), 1)} | {_cell(row.get('wall_s'), 0)} |"
+            f"| {_cell(row.get('adapter_mib'), 1)} | {_cell(row.get('wall_s'), 0)} "
+            f"| {row.get('concurrent_rows') or 1} | {row.get('code', '')} |"
         )
     return lines
 
@@ -1395,6 +1422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("merge", help="merge results files of several calls")
     p.add_argument("inputs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--labels", nargs="+", default=None, help="one per input: the code version that measured it")
+    p.add_argument("--vs-from", nargs="+", default=None, help="labels whose vs-script runs give the ratios")
     return parser
 
 
@@ -1434,7 +1463,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "table":
             print(markdown(load_results(args.results), args.commands))
         else:
-            save_results(args.out, merge_files(args.inputs))
+            if args.labels is not None and len(args.labels) != len(args.inputs):
+                raise ValueError(f"--labels needs one label per input ({len(args.inputs)}), got {len(args.labels)}")
+            save_results(args.out, merge_files(args.inputs, args.labels, args.vs_from))
     except ValueError as error:
         print(f"ERROR {error}", file=sys.stderr)
         return 2

@@ -239,7 +239,7 @@ def measurements(name: str, kind: str, rank: int) -> list[dict]:
 
 
 def test_performance_short_answer_is_recomputed_from_its_files():
-    table = table_under("PERFORMANCE.md", "## Short answer: what does a learned rank cost at SDXL scale?")
+    table = table_under("PERFORMANCE.md", "## Short answer: the adapter's step against peft's (issue 6)")
     assert 5 <= len(table.rows) <= 10
     ratio = table.column("LoRA² / peft")
     for label, rank, checkpointing, rounds in (
@@ -337,3 +337,21 @@ def test_design_toy_table_holds_every_row_of_both_files():
         assert [row[0]] + [float(cell) for cell in row[1:4]] == setting
         values = [measured["final_rank"], measured["final_mse"], again["final_rank"], again["final_mse"]]
         assert [float(cell) for cell in row[4:8]] == values, row[:4]
+
+
+def test_full_scale_short_answer_is_recomputed_from_its_file():
+    """The `lora2 train` against the script table: every ratio and figure from benchmarks/results/full_scale.json."""
+    table = table_under(
+        "PERFORMANCE.md", "## Short answer: `lora2 train` against the diffusers script, at full SDXL architecture"
+    )
+    vs = json.loads((ROOT / "benchmarks/results/full_scale.json").read_text())["vs_script"]
+    for config in ("fixed64", "adaptive", "fixed64_ckpt", "adaptive_ckpt"):
+        row, entry = table.row(config), vs[config]
+        assert row[table.column("time ratio")] == f"{entry['time_ratio']:.2f}", config
+        assert row[table.column("memory ratio")] == f"{entry['mem_ratio']:.2f}", config
+        assert row[table.column("lora2 reserved GiB")] == f"{entry['lora2_peak_process_gib']:.1f}", config
+    rows = {row["name"]: row for row in json.loads((ROOT / "benchmarks/results/full_scale.json").read_text())["rows"]}
+    every = table_under("PERFORMANCE.md", "### Every `lora2 train` path at full scale")
+    assert len(every.rows) == len(rows)
+    for line in every.rows:
+        assert line[every.column("status")].strip("*") == rows[line[0]]["status"], line[0]
