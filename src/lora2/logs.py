@@ -12,6 +12,9 @@ drops that message, and the block leaves every logger and warning filter as it f
 - ``dropped_warnings(pattern, category)``: ``warnings.catch_warnings`` with one "ignore" filter.
 - ``quiet_pipeline_load()``: both, for what ``DiffusionPipeline.from_pretrained`` says that is noise to a lora2 user.
 - ``quiet_unet_lora_load()``: around ``pipe.load_lora_weights`` of a file with no text-encoder keys.
+- ``quiet_half_precision_cast()``: around ``unet.to(dtype=…)`` of a model that keeps no module in fp32.
+- ``no_load_progress_bars()``: diffusers' and transformers' "Loading …" bars off during one load, restored after
+  (in a log file each bar is a line of carriage returns).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ TRANSFORMERS_IMPORT_LOGGERS = ("transformers.utils.import_utils",)
 # pipe.load_lora_weights of a file without text-encoder keys (diffusers 0.42: lora_base; 0.32 says nothing)
 NO_TEXT_ENCODER_LORA = r"No LoRA keys associated to \w+ found with the prefix='text_encoder"
 DIFFUSERS_LORA_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.peft")
+# ModelMixin.to(dtype) warns even when its list of modules to keep in fp32 is empty (nothing to keep)
+EMPTY_FP32_MODULES = r"should be kept in float32: \[\]"
+DIFFUSERS_MODEL_LOGGERS = ("diffusers.models.modeling_utils",)
 
 
 class _MessageFilter(logging.Filter):
@@ -66,12 +72,38 @@ def dropped_warnings(pattern: str, category: type[Warning] = Warning) -> Iterato
 
 
 @contextmanager
+def no_load_progress_bars() -> Iterator[None]:
+    """diffusers' and transformers' progress bars off inside the block, each restored to its former state."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    states = [(module, module.is_progress_bar_enabled()) for module in (diffusers_logging, transformers_logging)]
+    for module, _ in states:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, enabled in states:
+            if enabled:
+                module.enable_progress_bar()
+
+
+@contextmanager
 def quiet_pipeline_load() -> Iterator[None]:
     """Around ``DiffusionPipeline.from_pretrained(..., torch_dtype=...)``: drop the ``torch_dtype`` deprecation and
-    the torchvision fallback notice, nothing else."""
+    the torchvision fallback notice, and the loading progress bars; nothing else."""
     with ExitStack() as stack:
         stack.enter_context(dropped_warnings(TORCH_DTYPE_DEPRECATION, FutureWarning))
         stack.enter_context(dropped_log_messages(TRANSFORMERS_IMPORT_LOGGERS, TORCHVISION_FALLBACK))
+        stack.enter_context(no_load_progress_bars())
+        yield
+
+
+@contextmanager
+def quiet_half_precision_cast() -> Iterator[None]:
+    """Around ``model.to(device, dtype)`` of a diffusers model: drop its warning about modules to keep in fp32 when
+    there are none (the list it prints is empty); a non-empty list still warns."""
+    with dropped_log_messages(DIFFUSERS_MODEL_LOGGERS, EMPTY_FP32_MODULES):
         yield
 
 

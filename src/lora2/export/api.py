@@ -141,7 +141,7 @@ def save_lora(
     else:
         written = write_adapter(adapter, path, format, header, dtype, layout)
     total = sum(len(m) for m in adapter.values())
-    logger.info("saved %d LoRA² modules (%s format) to %s", total, format, written)
+    logger.debug("saved %d LoRA² modules (%s format) to %s", total, format, written)
     return written
 
 

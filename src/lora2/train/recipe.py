@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 import lora2.train.checkpoint as ckpt
+from lora2.logs import quiet_half_precision_cast
 from lora2.train.adapters import backend_class
 from lora2.train.batches import TrainingData, instance_images, prior_images
 from lora2.train.captions import caption_companions, caption_source, instance_captions
@@ -210,9 +211,10 @@ class DreamBoothRecipe:
         for module in [components.unet, components.vae, *components.text_encoders]:
             module.requires_grad_(False)
         components.vae.to(self.device)  # stays fp32: latents are computed once (the SDXL VAE overflows in fp16)
-        for module in [components.unet, *components.text_encoders]:
-            # frozen weights in half precision (adapters are fp32), cast on the way: never fp32 on the GPU
-            module.to(device=self.device, dtype=config.weight_dtype)
+        with quiet_half_precision_cast():
+            for module in [components.unet, *components.text_encoders]:
+                # frozen weights in half precision (adapters are fp32), cast on the way: never fp32 on the GPU
+                module.to(device=self.device, dtype=config.weight_dtype)
 
     def _setup_data(self) -> None:
         config, processes = self.config, self.processes

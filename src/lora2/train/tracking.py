@@ -114,7 +114,7 @@ class Progress:
         self.total, self.start, self.enabled = total, start, enabled
         self.interactive = enabled and sys.stderr.isatty()
         self.bar = tqdm(total=total, initial=start, desc="lora2 train", disable=not self.interactive)
-        self.every = max(1, total // 20)
+        self.every = max(1, -(-total // 20))  # about 20 lines a run
         self.started = self.last_line = time.monotonic()
 
     def update(self, step: int, loss: float, total_rank: int, layers: int, size_mib: float) -> None:
