@@ -79,16 +79,23 @@ def to_8bit_rgb(image: Image.Image, path: Path) -> Image.Image:
     return image
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image fully decoded, upright (EXIF) and in 8-bit RGB; ``ValueError`` naming the file otherwise."""
-    path = Path(path)
+def open_upright(path: str | Path, what: str = "image") -> Image.Image:
+    """Open an image file fully decoded and upright (EXIF orientation applied), in its own mode; ``ValueError``
+    naming the file (as ``what``) when it cannot be decoded."""
     try:
         with Image.open(path) as handle:
             handle.load()
             image = ImageOps.exif_transpose(handle)
             image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
+        raise ValueError(f"cannot read {what} {path}: {error}") from error
+    return image
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image fully decoded, upright (EXIF) and in 8-bit RGB; ``ValueError`` naming the file otherwise."""
+    path = Path(path)
+    image = open_upright(path)
     if image.width < 1 or image.height < 1:
         raise ValueError(f"image {path} is empty ({image.width}x{image.height})")
     return to_8bit_rgb(image, path)

@@ -17,24 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from lora2.train.data import IMAGE_SUFFIXES, to_8bit_rgb
+from lora2.train.data import IMAGE_SUFFIXES, open_upright, to_8bit_rgb
 
 logger = logging.getLogger(__name__)
 
 MASKS_DIR = "masks"
-
-
-def _open_upright(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as handle:
-            handle.load()
-            image = ImageOps.exif_transpose(handle)
-            image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"cannot read mask {path}: {error}") from error
-    return image
 
 
 def mask_file(image_path: Path) -> Path | None:
@@ -52,10 +41,10 @@ def load_mask(image_path: Path, image_size: tuple[int, int]) -> Image.Image | No
     """The mask of an image (mode "L", ``image_size`` (width, height) as loaded), or None when it has none."""
     path = mask_file(image_path)
     if path is not None:
-        mask = _open_upright(path)
+        mask = open_upright(path, "mask")
         source = path
     else:
-        mask = _open_upright(image_path)
+        mask = open_upright(image_path, "mask")
         source = image_path
         if mask.mode == "P" and "transparency" in mask.info:
             mask = mask.convert("RGBA")
