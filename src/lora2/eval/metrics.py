@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
+from lora2.logs import no_load_progress_bars
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -99,7 +101,8 @@ class DinoEncoder(_Encoder):
             local = {"local_files_only": hub_offline()}  # never a network retry when offline
             config = AutoConfig.from_pretrained(str(name), **local)
             kwargs = {"add_pooling_layer": _has_pooler(name)} if config.model_type == "vit" else {}
-            model = AutoModel.from_pretrained(str(name), **kwargs, **local)
+            with no_load_progress_bars():
+                model = AutoModel.from_pretrained(str(name), **kwargs, **local)
             processor = AutoImageProcessor.from_pretrained(str(name), **local)
         except (OSError, ValueError) as error:
             raise _load_error("DINO", name, error) from error
@@ -128,7 +131,8 @@ class ClipEncoder(_Encoder):
 
         try:
             local = {"local_files_only": hub_offline()}  # never a network retry when offline
-            model = CLIPModel.from_pretrained(str(name), **local)
+            with no_load_progress_bars():
+                model = CLIPModel.from_pretrained(str(name), **local)
             processor = CLIPProcessor.from_pretrained(str(name), **local)
         except (OSError, ValueError) as error:
             raise _load_error("CLIP", name, error) from error
