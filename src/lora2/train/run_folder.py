@@ -105,9 +105,6 @@ class RunFolder:
         """Where the adapter of export format ``fmt`` is written."""
         return self.root / ADAPTER_FILES[fmt]
 
-    def checkpoint_path(self, step: int) -> Path:
-        return self.root / f"{CHECKPOINT_PREFIX}{step}"
-
     def find_adapter(self) -> Path:
         """The diffusers-format adapter of a finished run (``ValueError`` naming the folder when it has none)."""
         path = self.root / MAIN_ADAPTER

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lora2.train.config import TrainConfig
-from lora2.train.data import IMAGE_SUFFIXES, list_images
+from lora2.train.data import IMAGE_SUFFIXES
 from lora2.train.model import Components
 
 logger = logging.getLogger(__name__)
@@ -58,10 +58,6 @@ def generate_class_images(components: Components, config: TrainConfig, prompt: s
         tmp = folder / f".class_{index:05d}.tmp.png"
         image.save(tmp)
         tmp.replace(path)
-
-
-def class_images(config: TrainConfig, folder: Path) -> list[Path]:
-    return list_images(folder)[: config.num_class_images]
 
 
 @torch.no_grad()
