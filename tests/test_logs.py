@@ -7,6 +7,7 @@ import logging
 import warnings
 
 import pytest
+from log_capture import Messages
 
 from lora2.logs import dropped_log_messages, dropped_warnings, quiet_pipeline_load, quiet_unet_lora_load
 
@@ -16,19 +17,10 @@ NOTICE = (
 )
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture
 def records():
     """Every record that reaches the test's own logger tree ``lora2_test``."""
-    handler = _Records()
+    handler = Messages(logging.DEBUG)
     root = logging.getLogger("lora2_test")
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
@@ -56,7 +48,7 @@ def test_matching_records_are_dropped_inside_the_block_only(records):
 
 def test_unet_lora_load_drops_the_text_encoder_notice_and_nothing_else():
     emitter = logging.getLogger("diffusers.loaders.lora_base")
-    handler = _Records()
+    handler = Messages(logging.DEBUG)
     emitter.addHandler(handler)
     try:
         with quiet_unet_lora_load():
@@ -91,7 +83,7 @@ def test_matching_warnings_are_ignored_inside_the_block_only():
 
 def test_pipeline_load_drops_the_dtype_deprecation_and_the_torchvision_notice():
     notice = logging.getLogger("transformers.utils.import_utils")
-    handler = _Records()
+    handler = Messages(logging.DEBUG)
     notice.addHandler(handler)
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import yaml
+from log_capture import Messages
 
 from lora2.cli import main
 from lora2.eval.evaluate import (
@@ -111,19 +112,10 @@ def test_adapter_summary_counts_ranks_and_size(tiny_adapter):
     assert summary["size_gb_fp32"] == pytest.approx(summary["parameters"] * 4 / 2**30)
 
 
-class _Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def test_adapter_load_says_nothing_about_text_encoders_the_file_does_not_adapt(tiny_sdxl, tiny_adapter):
     from diffusers import DiffusionPipeline
 
-    handler = _Warnings()
+    handler = Messages()
     logging.getLogger("diffusers").addHandler(handler)  # diffusers' loggers do not propagate to the root logger
     try:
         DiffusionPipeline.from_pretrained(str(tiny_sdxl)).load_lora_weights(str(tiny_adapter))  # plain diffusers

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_image
+from log_capture import Messages
 
 import lora2.world
 from lora2.eval.metrics import ClipEncoder, DinoEncoder, SubjectScorer, mean_paired_cosine, mean_pairwise_cosine
@@ -85,19 +86,10 @@ def test_unloadable_evaluator_is_a_clear_error(tmp_path):
         DinoEncoder.from_pretrained(tmp_path / "missing")
 
 
-class _Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture
 def transformers_warnings():
     """Warnings logged by transformers (its loggers do not propagate to the root logger)."""
-    handler = _Warnings()
+    handler = Messages()
     logging.getLogger("transformers").addHandler(handler)
     yield handler.messages
     logging.getLogger("transformers").removeHandler(handler)
