@@ -1051,6 +1051,8 @@ LORA2_CONFIGS = {
 CONFIG_ROWS = {"fixed64": "sdxl-fixed64", "fixed64_ckpt": "sdxl-fixed64-ckpt", "adaptive": "sdxl-adaptive",
                "adaptive_ckpt": "sdxl-adaptive-ckpt"}  # fmt: skip
 CHECKPOINTING = "--gradient-checkpointing"
+# lora2 train --compile auto (the default) replays CUDA graphs on a GPU: the "adaptive" runs are the fast path's
+DEFAULT_IS_FAST = True
 # the script's flags this harness passes (tests check them against the script's argparse)
 SCRIPT_FLAGS = ("--pretrained_model_name_or_path", "--instance_data_dir", "--instance_prompt", "--resolution",
                 "--train_batch_size", "--max_train_steps", "--rank", "--mixed_precision", "--learning_rate",
@@ -1094,9 +1096,11 @@ class VsRun:
     role: str = "round"
 
 
-def vs_plan(configs: dict, repeats: int, steps: int, wall_steps: int | None, wall: dict) -> list[VsRun]:
+def vs_plan(
+    configs: dict, repeats: int, steps: int, wall_steps: int | None, wall: dict, walls_first: bool = False
+) -> list[VsRun]:
     """Rounds of (script, lora2 configs without checkpointing, script + checkpointing, lora2 configs with it),
-    then one script / lora2 pair per wall-time config."""
+    then (or first, ``walls_first``) one script / lora2 pair per wall-time config."""
     plan = []
     for repeat in range(repeats):
         for checkpointing in (False, True):
@@ -1109,6 +1113,8 @@ def vs_plan(configs: dict, repeats: int, steps: int, wall_steps: int | None, wal
         script_flags = (CHECKPOINTING,) if CHECKPOINTING in flags else ()
         plan.append(VsRun("script", script_config(script_flags), script_flags, 0, wall_steps, "wall"))
         plan.append(VsRun("lora2", name, flags, 0, wall_steps, "wall"))
+    if walls_first:
+        plan.sort(key=lambda run: run.role != "wall")
     return plan
 
 
@@ -1203,7 +1209,13 @@ def vs_summary(runs: list[dict], configs: dict, wall: dict) -> dict:
             summary[key] = {"time_ratio": _ratio(mine[0]["wall_s"], theirs[0]["wall_s"]), "steps": steps,
                             "lora2_config": name, "lora2_wall_s": mine[0]["wall_s"],
                             "script_wall_s": theirs[0]["wall_s"], "lora2_s_per_step": mine[0]["s_per_step"],
-                            "script_s_per_step": theirs[0]["s_per_step"]}  # fmt: skip
+                            "script_s_per_step": theirs[0]["s_per_step"],
+                            "mem_ratio": _ratio(mine[0].get("peak_process_gib"), theirs[0].get("peak_process_gib")),
+                            "lora2_peak_process_gib": mine[0].get("peak_process_gib"),
+                            "script_peak_process_gib": theirs[0].get("peak_process_gib")}  # fmt: skip
+    for fast, default in (("fast", "adaptive"), ("fast_wall_500", "wall_500")):
+        if fast not in summary and default in summary and DEFAULT_IS_FAST:
+            summary[fast] = {**summary[default], "same_runs_as": default}  # lora2 train's default is the fast path
     return summary
 
 
@@ -1235,6 +1247,7 @@ class VsOptions:
     wall_steps: int | None = None
     wall: dict = field(default_factory=lambda: {"adaptive": LORA2_CONFIGS["adaptive"]})
     as_rows: bool = True
+    walls_first: bool = False
 
 
 def vs_script(setup: Setup, options: VsOptions, out: Path, budget_s: float | None, argv: list[str]) -> dict:
@@ -1247,7 +1260,10 @@ def vs_script(setup: Setup, options: VsOptions, out: Path, budget_s: float | Non
     earlier_runs = results["vs_script"].get("runs", [])
     runs: list[dict] = []
     longest: dict[int, float] = {}
-    for planned in vs_plan(options.configs, options.repeats, options.steps, options.wall_steps, options.wall):
+    plan = vs_plan(
+        options.configs, options.repeats, options.steps, options.wall_steps, options.wall, options.walls_first
+    )
+    for planned in plan:
         elapsed = time.time() - start
         estimate = longest.get(planned.steps, 1.5 * default_estimate(setup, "sdxl") + 0.5 * planned.steps)
         if budget_s is not None and elapsed + estimate > budget_s:
@@ -1416,6 +1432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="+", default=list(LORA2_CONFIGS), help="lora2 configs of the rounds")
     p.add_argument("--add-config", action="append", default=[], metavar="NAME=FLAGS", help="a new lora2 config")
     p.add_argument("--no-rows", action="store_true", help="do not record the first round's lora2 runs as rows")
+    p.add_argument("--walls-first", action="store_true", help="the whole-run pairs before the rounds")
     p = commands.add_parser("table", help="Markdown tables for docs/PERFORMANCE.md")
     p.add_argument("results", type=Path)
     p.add_argument("--commands", action="store_true", help="also list every row's command")
@@ -1439,7 +1456,7 @@ def _vs_options(args: argparse.Namespace) -> VsOptions:
         raise ValueError(f"unknown lora2 configs {unknown}; known: {sorted(known)}")
     configs = {name: known[name] for name in args.configs}
     wall = {name: known[name] for name in args.wall_configs}
-    return VsOptions(configs, args.repeats, args.steps, args.wall_steps, wall, not args.no_rows)
+    return VsOptions(configs, args.repeats, args.steps, args.wall_steps, wall, not args.no_rows, args.walls_first)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,8 @@ def test_identifier_maps_and_their_gradients_equal_the_explicit_softmax():
     query = torch.randn(2, 3, 40, 8, dtype=torch.float64, requires_grad=True)  # (B, h, N, d)
     key = torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True)  # (B, h, T, d)
     positions = [2, 5]
-    fused = map_entropy(identifier_maps(query, key, positions).transpose(-1, -2)).mean()
+    onehot = EntropyCollector(positions).onehot(7, query.device)  # (T, k)
+    fused = map_entropy(identifier_maps(query, key, onehot).transpose(-1, -2)).mean()
     fused_grads = torch.autograd.grad(fused, (query, key))
     probs = (query @ key.transpose(-1, -2) / math.sqrt(8)).softmax(-1)  # (B, h, N, T)
     explicit = map_entropy(probs[..., positions].transpose(-1, -2)).mean()

@@ -64,6 +64,9 @@ class LoRA2Layer(nn.Module):
         self.disable_adapters = False
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.r = rank
+        # spare storage kept beyond D on (re-)allocation, as a fraction of D: capacity only costs memory and FLOPs
+        # (positions beyond D are masked), and a CUDA-graph fast path re-captures on every re-allocation
+        self.headroom = 0.0
         capacity = self._capacity_for(rank)
         weight = base_layer.weight
         self.lora_A = nn.Parameter(self._new_a_rows(capacity, weight.device))
@@ -108,7 +111,7 @@ class LoRA2Layer(nn.Module):
         # fixed-rank LoRA never grows: it holds exactly its rank, like peft
         if not self.adaptive:
             return rank
-        return min(_round_up(rank, self.config.chunk_size), self.config.max_rank)
+        return min(_round_up(math.ceil(rank * (1.0 + self.headroom)), self.config.chunk_size), self.config.max_rank)
 
     def _new_a_rows(self, rows: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
         # peft's default: kaiming_uniform(a=√5) on lora_A, i.e. U(−1/√fan_in, 1/√fan_in)
@@ -163,7 +166,7 @@ class LoRA2Layer(nn.Module):
         self.forget_importance()
         needed = self._capacity_for(rank)
         replaced = {}
-        if needed > self.capacity or needed <= self.capacity - 2 * self.config.chunk_size:
+        if rank > self.capacity or needed <= self.capacity - 2 * self.config.chunk_size:
             replaced = self._reallocate(needed)
         grown = range(old_rank, rank) if rank > old_rank else range(0)
         if grown:
@@ -192,6 +195,17 @@ class LoRA2Layer(nn.Module):
         self.r = rank
         self.forget_importance()
         return {"lora_A": (old_a, self.lora_A), "lora_B": (old_b, self.lora_B)}
+
+    @torch.no_grad()
+    def reserve(self, spare: int) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+        """Re-allocate to ``capacity_for(D)`` when fewer than ``spare`` positions beyond D are free (adaptive layers
+        below ``max_rank``). D, ΔW and the values of every kept position are unchanged. Returns the replaced
+        parameters (name → (old, new)), empty when nothing moved."""
+        needed = self._capacity_for(self.r)
+        if not self.adaptive or self.capacity - self.r >= spare or needed <= self.capacity:
+            return {}
+        self.forget_importance()
+        return self._reallocate(needed)
 
     def _reallocate(self, capacity: int) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
         keep = min(capacity, self.capacity)
@@ -292,29 +306,42 @@ class _Layout:
 
     segment: torch.Tensor  # (N,) layer index of each position
     neg_positions: torch.Tensor  # (N,) −(i−1) within the layer
-    active: torch.Tensor  # (N,) 1.0 where i ≤ D, else 0.0
+    active: torch.Tensor  # (N,) 1.0 where i ≤ D, else 0.0; updated in place when only ranks change
     scale: torch.Tensor | None  # (N,) s per position, None when every s is 1
     capacities: list[int]
+    ranks: tuple[int, ...]
+
+
+def _active(capacities: Sequence[int], ranks: Sequence[int]) -> torch.Tensor:
+    """1.0 on the first D positions of each layer's storage, 0.0 beyond (N,), on the CPU."""
+    return torch.cat([(torch.arange(c) < r).float() for c, r in zip(capacities, ranks)])
 
 
 def _layout(layers: Sequence[LoRA2Layer], cache: dict) -> _Layout:
-    key = tuple((id(layer), layer.r, layer.capacity) for layer in layers)
-    if key not in cache:
+    # keyed by storage only: a rank change within the storage rewrites ``active`` in place, so a captured CUDA graph
+    # (which reads that buffer) stays valid until some storage is re-allocated
+    key = tuple((id(layer), layer.capacity) for layer in layers)
+    ranks = tuple(layer.r for layer in layers)
+    layout = cache.get(key)
+    if layout is None:
         cache.clear()
         device = layers[0].lora_A.device
         capacities = [layer.capacity for layer in layers]
         positions = torch.cat([torch.arange(c) for c in capacities])  # (N,)
         segment = torch.cat([torch.full((c,), i) for i, c in enumerate(capacities)])  # (N,)
-        ranks = torch.tensor([layer.r for layer in layers])[segment]  # (N,)
         scales = torch.tensor([layer.scaling for layer in layers])[segment]  # (N,)
-        cache[key] = _Layout(
+        layout = cache[key] = _Layout(
             segment=segment.to(device),
             neg_positions=(-positions).float().to(device),
-            active=(positions < ranks).float().to(device),
+            active=_active(capacities, ranks).to(device),
             scale=None if bool((scales == 1.0).all()) else scales.float().to(device),
             capacities=capacities,
+            ranks=ranks,
         )
-    return cache[key]
+    elif layout.ranks != ranks:
+        layout.active.copy_(_active(layout.capacities, ranks))
+        layout.ranks = ranks
+    return layout
 
 
 def storage_importance(

@@ -95,6 +95,11 @@ class TrainingData:
         self.bucket_of = [targets.index(item.target) for item in self.images["instance"]]
 
     @property
+    def training_sizes(self) -> int:
+        """How many latent sizes the instance samples come in (1 without aspect-ratio buckets)."""
+        return len(set(self.bucket_of))
+
+    @property
     def caches_latents(self) -> bool:
         return self.config.cache_latents and self.config.center_crop
 

@@ -32,6 +32,7 @@ from lora2.rank.math import SCALINGS
 from lora2.train.adapters import ADAPTER_TYPES, backend_class
 from lora2.train.buckets import BUCKET_STEP
 from lora2.train.data import IMAGE_SUFFIXES
+from lora2.train.fast_path import COMPILE_MODES
 
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 DEFAULT_SAMPLE_PROMPTS = (
@@ -58,6 +59,7 @@ CHOICES = {
     "small_images": SMALL_IMAGES,
     "report_to": REPORTERS,
     "export_formats": FORMATS,
+    "compile": COMPILE_MODES,
 }
 # lower bounds of numeric trainer fields (inclusive); learning rates and a few more must be strictly positive
 _AT_LEAST = {
@@ -130,6 +132,10 @@ class TrainConfig:
     nu_lr: learning rate of the log ν parameters (their own param group; plain Adam steps with --optimizer prodigy).
     optimizer: adamw, adam, adamw8bit / adam8bit (bitsandbytes), prodigy (prodigyopt; use --learning-rate 1.0).
     ema_decay: EMA of the adapter weights, used for samples and the exported files (0 = off; e.g. 0.999).
+    compile: the UNet's forward and backward: graphs = replayed from CUDA graphs (re-captured when an adapter's
+        storage or the input shapes change; eager where a combination is not covered, with a warning saying why),
+        none = eager, auto = graphs on CUDA with the options they are verified with on a GPU (else eager, saying so),
+        none elsewhere.
     text_encoder_lr: learning rate of the text-encoder adapters (default: learning_rate).
     snr_gamma: min-SNR-γ loss weighting (Hang et al. 2023); none = plain MSE.
     rank_check_steps: steps between checks that every process holds the same ranks (multi-GPU).
@@ -201,6 +207,7 @@ class TrainConfig:
     ema_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
+    compile: str = "auto"
     # operations
     checkpointing_steps: int = 100
     checkpoints_total_limit: int | None = 3

@@ -48,6 +48,7 @@ class EntropyCollector:
         self.token_positions = list(token_positions)
         self.rows: torch.Tensor | None = None
         self.values: list[torch.Tensor] = []
+        self._onehots: dict[tuple, torch.Tensor] = {}
 
     @property
     def active(self) -> bool:
@@ -61,6 +62,23 @@ class EntropyCollector:
         self.rows = None
         self.values = []
 
+    def row_index(self) -> slice | list[int] | None:
+        """The instance rows as a slice when they are contiguous (no index tensor: CUDA-graph capture copies nothing
+        from the host), else a list; None when there are none."""
+        rows = torch.nonzero(self.rows).flatten().tolist()
+        if not rows:
+            return None
+        return slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
+
+    def onehot(self, tokens: int, device: torch.device) -> torch.Tensor:
+        """E (T, k): one-hot columns on the identifier tokens, made once per sequence length and device."""
+        key = (tokens, str(device))
+        if key not in self._onehots:
+            onehot = torch.zeros(tokens, len(self.token_positions), dtype=torch.float32)  # (T, k)
+            onehot[self.token_positions, range(len(self.token_positions))] = 1.0
+            self._onehots[key] = onehot.to(device)
+        return self._onehots[key]
+
     def loss(self) -> torch.Tensor:
         """Mean identifier-map entropy over the layers that ran since ``start`` (0-d tensor)."""
         if not self.values:
@@ -69,19 +87,17 @@ class EntropyCollector:
 
 
 def identifier_maps(
-    query: torch.Tensor, key: torch.Tensor, token_positions: Sequence[int], mask: torch.Tensor | None = None
+    query: torch.Tensor, key: torch.Tensor, onehot: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Attention mass of each identifier token at every query position, P[b, h, n, t] for t in ``token_positions``,
-    without materialising P: one fused attention whose values are one-hot on those tokens,
+    """Attention mass of each identifier token at every query position, P[b, h, n, t] for the k tokens marked in
+    ``onehot`` (T, k), without materialising P: one fused attention whose values are one-hot on those tokens,
 
         SDPA(q, k, E)[b, h, n, i] = Σ_t softmax_t(q_n·k_t / √d) E[t, i] = P[b, h, n, token_i].
 
     ``query``: (B, h, N, d), ``key``: (B, h, T, d). Returns (B, h, N, k) in fp32 (the attention runs in fp32).
     """
     batch, heads, tokens = key.shape[0], key.shape[1], key.shape[2]
-    onehot = torch.zeros(tokens, len(token_positions), device=key.device, dtype=torch.float32)  # (T, k)
-    onehot[list(token_positions), range(len(token_positions))] = 1.0
-    values = onehot.expand(batch, heads, tokens, len(token_positions))  # (B, h, T, k)
+    values = onehot.expand(batch, heads, tokens, onehot.shape[1])  # (B, h, T, k)
     with torch.autocast(query.device.type, enabled=False):
         return F.scaled_dot_product_attention(query.float(), key.float(), values, attn_mask=mask)  # (B, h, N, k)
 
@@ -148,11 +164,12 @@ class EntropyAttnProcessor(AttnProcessor2_0):
         return hidden_states / attn.rescale_output_factor
 
     def _record(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
-        rows = self.collector.rows.to(query.device)  # (B,)
-        if not bool(rows.any()):
+        rows = self.collector.row_index()
+        if rows is None:
             return
         mask = mask[rows] if mask is not None else None
-        maps = identifier_maps(query[rows], key[rows], self.collector.token_positions, mask)  # (B', h, N, k)
+        onehot = self.collector.onehot(key.shape[2], key.device)  # (T, k)
+        maps = identifier_maps(query[rows], key[rows], onehot, mask)  # (B', h, N, k)
         self.collector.values.append(map_entropy(maps.transpose(-1, -2)).mean())  # H over N, per (b, h, token)
 
 

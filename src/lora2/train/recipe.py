@@ -53,6 +53,7 @@ from lora2.train.distributed import (
 )
 from lora2.train.ema import start_ema
 from lora2.train.entropy import EntropyCollector, install_entropy_processors
+from lora2.train.fast_path import UNetRunner, resolve_mode, unverified
 from lora2.train.loss import diffusion_loss, noised_inputs
 from lora2.train.model import encode_prompts, identifier_positions, load_components, native_resolution, resolve_base
 from lora2.train.optimizers import build_optimizer, build_scheduler
@@ -108,6 +109,7 @@ class TrainResult:
     adapter_state: dict[str, torch.Tensor] = field(default_factory=dict)
     ema_state: dict[str, torch.Tensor] = field(default_factory=dict)
     signal_name: str = ""
+    fast_path: dict = field(default_factory=dict)
 
 
 class _StopFlag:
@@ -142,6 +144,7 @@ class DreamBoothRecipe:
         self.config = config
         self.processes = init_processes()
         self.device = training_device(config.device)
+        self.compile_mode = resolve_mode(config.compile, self.device)  # fails before anything is loaded
         self.folder = RunFolder(config.output_dir)
         self.backend = backend_class(config.adapter_type)(config)
         self.stop = _StopFlag()
@@ -155,6 +158,7 @@ class DreamBoothRecipe:
         self._setup_data()
         self._setup_adapter()
         self._setup_optimizer()
+        self._setup_fast_path()
         self._setup_logging()
 
     def resolve_resume(self) -> Path | None:
@@ -303,6 +307,24 @@ class DreamBoothRecipe:
             logger.info("resumed from %s at step %d", self.resume_path, self.start_step)
         self.ema = start_ema(config.ema_decay, self.backend, self.resume_path)  # None when off
 
+    def _setup_fast_path(self) -> None:
+        """The UNet's runner: CUDA graphs (``--compile graphs``; ``auto``: on CUDA, with the options they are verified
+        with) or eager."""
+        config = self.config
+        autocast = {"device_type": self.device.type, "dtype": config.weight_dtype,
+                    "enabled": config.mixed_precision != "no"}  # fmt: skip
+        mode, untried = self.compile_mode, unverified(config, self.processes.world_size)
+        if config.compile == "auto" and mode == "graphs" and untried:
+            logger.info("--compile auto: eager, the fast path is not verified with %s (--compile graphs tries it)",
+                        ", ".join(untried))  # fmt: skip
+            mode = "none"
+        self.unet_runner = UNetRunner(self.components.unet, self.collector, mode, autocast, self.optimizer)
+        if self.data.training_sizes > 1:
+            self.unet_runner.disable(
+                f"{self.data.training_sizes} aspect-ratio buckets: a graph per latent size would hold its own "
+                "activation memory, and one graph would be re-captured at every change of bucket"
+            )
+
     def _setup_logging(self) -> None:
         config, folder = self.config, self.folder
         if self.processes.main:
@@ -344,15 +366,19 @@ class DreamBoothRecipe:
         self.processes.barrier()
         state = {key: value.detach().cpu().clone() for key, value in self.backend.state().items()}
         ema = {key: value.cpu().clone() for key, value in self.ema.average.items()} if self.ema else {}
+        fast_path = self.unet_runner.summary()
+        if fast_path["captures"]:
+            logger.info("CUDA graphs: %d captures, %.1f s in all", fast_path["captures"], fast_path["capture_seconds"])
         return TrainResult(
-            self.folder.root, step, status, self.backend.ranks(), files, self.losses, state, ema, self.stop.signal_name
-        )
+            self.folder.root, step, status, self.backend.ranks(), files, self.losses, state, ema,
+            self.stop.signal_name, fast_path,
+        )  # fmt: skip
 
     def train_step(self, step: int) -> torch.Tensor:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the loss terms averaged over
         micro-batches and processes: (loss, mse, prior, regularization, entropy)."""
         config, batch = self.config, self.config.train_batch_size
-        unet, scheduler = self.components.unet, self.components.noise_scheduler
+        scheduler = self.components.noise_scheduler
         terms = torch.zeros(5, dtype=torch.float64)
         for micro in range(config.gradient_accumulation_steps):
             samples = self.data.samples(step * config.gradient_accumulation_steps + micro)
@@ -363,21 +389,20 @@ class DreamBoothRecipe:
             )
             embeds, pooled = self.data.text(samples)  # (B, T, D), (B, P) | None: the captions of this step
             added = {"text_embeds": pooled, "time_ids": time_ids.to(embeds.dtype)} if pooled is not None else None
-            if self.collector is not None:
-                self.collector.start(torch.tensor([kind == "instance" for kind in kinds]))
-            with self.autocast:
-                prediction = unet(noisy.to(config.weight_dtype), timesteps, embeds, added_cond_kwargs=added).sample
+            rows = torch.tensor([kind == "instance" for kind in kinds])  # (B,) rows whose prompt has the identifier
+            prediction, entropy = self.unet_runner(noisy.to(config.weight_dtype), timesteps, embeds, added, rows)
             per_sample = diffusion_loss(prediction, target, timesteps, scheduler, config.snr_gamma, masks)  # (B,)
             mse = per_sample[:batch].mean()
             prior = per_sample[batch:].mean() if self.has_class_images else torch.zeros((), device=self.device)
             regularization = self.backend.regularization()
-            entropy = self.collector.loss() if self.collector is not None else torch.zeros((), device=self.device)
+            entropy = entropy if entropy is not None else torch.zeros((), device=self.device)
             loss = mse + config.prior_loss_weight * prior + regularization + config.entropy_weight * entropy
             if micro == config.gradient_accumulation_steps - 1:
                 self.reducer.arm(self._trainable())  # gradients are averaged over processes during this backward
+            if config.gradient_accumulation_steps > 1:
+                self.unet_runner.prepare_gradients(self._trainable())
             self.scaler.scale(loss / config.gradient_accumulation_steps).backward()
-            if self.collector is not None:
-                self.collector.stop()  # after backward: gradient checkpointing recomputes through the same path
+            self.unet_runner.after_backward()
             parts = torch.stack([loss, mse, prior, regularization, entropy]).detach().double().cpu()
             terms += parts / config.gradient_accumulation_steps
         terms, self.stop.requested = average_terms(terms, self.stop.requested, self.processes, self.device)
@@ -411,7 +436,9 @@ class DreamBoothRecipe:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _release_optimizer(self) -> None:
-        """After the last checkpoint the optimizer's state is not needed: its memory goes to the final samples."""
+        """After the last checkpoint the optimizer's state and the UNet's graphs are not needed: their memory goes to
+        the final samples."""
+        self.unet_runner.release()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer.state.clear()
         if self.device.type == "cuda":
