@@ -55,11 +55,10 @@ validation (lora2: one sample prompt at 2 steps); the script runs as ``python3 t
         --dtype fp32   # CPU smoke test (tests/benchmarks/test_full_scale.py)
 
 ``benchmarks/full_scale.sh`` is the GPU-machine driver (one device call: install, build once, rows under a budget).
-A fast path (issue 17) is measured with the same rows and keys: ``run --extra-args '--compile graphs' --name-suffix
--fast`` (rows ``sdxl-adaptive-fast`` …) and ``vs-script --add-config 'fast=--compile graphs' --configs fast
---wall-steps 500 --wall-configs fast`` (``vs_script.fast`` and ``vs_script.fast_wall_500``). The probe counts
-optimizer ``step`` calls: a path that replays the optimizer inside a captured graph must still call ``step`` (or a
-post-step hook) once per step for its steps to be timed.
+``lora2 train`` replays CUDA graphs by default on a GPU (``--compile auto``): the ``adaptive`` runs are the fast
+path's, and ``vs_script.fast`` / ``fast_wall_500`` repeat ``adaptive`` / ``wall_500`` (``same_runs_as``) unless a
+``fast`` config is run; ``--add-config 'eager=--compile none'`` measures the eager trainer beside them. Use
+``--name-suffix=-x`` (with ``=``: the value starts with a dash). The probe counts optimizer ``step`` calls.
 """
 
 from __future__ import annotations

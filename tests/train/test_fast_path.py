@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from train_helpers import fast_config
+from train_helpers import fast_config, train_with_sigterm_at_step
 
 import lora2
 from lora2.lora.layer import LoRA2Layer
@@ -190,3 +190,19 @@ def test_auto_runs_eager_with_options_not_verified_on_a_gpu(tiny_base, instance_
         result = recipe.train(config)
     assert result.fast_path["mode"] == "none" and not capture.calls
     assert "--compile auto: eager, the fast path is not verified with mixed_precision no" in caplog.text
+
+
+def test_resume_on_the_fast_path_equals_the_uninterrupted_run(tiny_base, instance_dir, tmp_path, monkeypatch):
+    """SIGTERM at step 2, --resume latest: the same losses and ranks as one run (checkpoints hold the storage with
+    its headroom; the resumed run captures again)."""
+    monkeypatch.setattr(recipe, "resolve_mode", lambda mode, device: "graphs")
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", FakeCapture())
+    options = {"max_train_steps": 4, "nu_lr": 0.5, "chunk_size": 2, "compile": "graphs", "checkpointing_steps": 10}
+    straight = recipe.train(fast_config(tiny_base, instance_dir, tmp_path / "straight", **options))
+    config = fast_config(tiny_base, instance_dir, tmp_path / "resumed", **options)
+    first = train_with_sigterm_at_step(config, monkeypatch, step=2)
+    assert first.status == "interrupted" and first.fast_path["captures"] >= 1
+    resumed = recipe.train(config.replace(resume="latest"))
+    assert resumed.fast_path["captures"] >= 1
+    assert first.losses + resumed.losses == straight.losses
+    assert resumed.ranks == straight.ranks

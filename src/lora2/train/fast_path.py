@@ -147,6 +147,7 @@ class UNetRunner:
         if self.graphs:
             logger.warning("--compile graphs: running eager: %s", reason)
             self.fallback, self.graph = reason, None
+            _free_cached_memory()  # what a failed capture left behind
 
     def __call__(
         self,
