@@ -51,6 +51,7 @@ CONFIRM_SEEDS = (1, 2)
 LOW_RANKS = (4, 8)  # the gate's low rank: the first that passes, else the first
 HIGH_RANK = 64
 MIN_Z = 3.0  # the paired difference must reach this many standard errors
+MIN_SECONDS = 30.0  # a bench call with less time left than this is not started
 GATE_KEYS = (
     "low_rank",
     "high_rank",
@@ -226,7 +227,11 @@ def _subjects_root(args: argparse.Namespace, out: Path) -> Path:
 
 
 def _bench(args, world, root, subjects, methods, seeds, deadline) -> dict[str, int]:
-    left = None if deadline is None else max(1.0, deadline - time.time())
+    """One ``lora2 bench`` call: ``methods`` × ``subjects`` × ``seeds`` in ``<out>/bench``, within the time left."""
+    left = None if deadline is None else deadline - time.time()
+    if left is not None and left < MIN_SECONDS:
+        logger.warning("%.0f s left: %d methods not started (the next call resumes)", left, len(methods))
+        return {}
     config = BenchConfig(
         subjects=list(subjects),
         methods=methods,

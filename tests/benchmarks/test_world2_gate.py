@@ -133,3 +133,10 @@ def test_the_chain_through_the_bench_with_stand_in_jobs(gate, tmp_path, monkeypa
     assert math.isfinite(result["paired_se"])
     assert gate.run(args) == 0  # a second call finds every cell done and trains nothing
     assert len([line for line in calls.read_text().splitlines() if line.startswith('["train"')]) == len(trains)
+
+
+def test_no_bench_starts_with_less_than_half_a_minute_left(gate, monkeypatch):
+    import time
+
+    monkeypatch.setattr(gate, "bench", lambda config: pytest.fail("a bench started without time left"))
+    assert gate._bench(None, {}, None, ["a"], ["fixed-4-lr1e-3"], (0,), deadline=time.time() + 5) == {}
