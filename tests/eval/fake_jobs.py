@@ -1,7 +1,10 @@
 """Stand-ins for `lora2 train`, `lora2 eval` and `lora2 resize` used by the bench tests (fast, no models).
 
 train: writes train_config.yaml and a LoRA file (fixed: init_rank everywhere; adaptive: ranks varying by layer and
-seed); exits 1 when --init-rank equals $FAKE_CRASH_RANK. Every invocation appends a line to $FAKE_CALLS.
+seed); exits 1 when --init-rank equals $FAKE_CRASH_RANK. eval scores 0.5 + 0.001 · mean rank; a run trained with
+--learning-rate scores 0.5 + 0.001 · mean rank · len(subject folder name) / 10 − 0.01 · |log10(lr) + 3| instead
+(the best learning rate is 1e-3; the gap between ranks differs by subject). Every invocation appends a line to
+$FAKE_CALLS.
 With $FAKE_SPANS, train appends ["begin" | "end", pid, time] lines there; it first sleeps $FAKE_TRAIN_SECONDS, and
 on SIGTERM takes $FAKE_TERM_SECONDS (a checkpoint being written) before it exits with 143.
 """
@@ -63,7 +66,7 @@ def main(argv: list[str]) -> int:
     if stage == "train":
         for flag in ("--instance-data-dir", "--output-dir", "--seed", "--base", "--max-train-steps", "--device",
                      "--rank-mode", "--init-rank", "--max-rank", "--entropy-weight", "--rank-reg-weight", "--resume",
-                     "--resolution", "--adapter-type", "--target-rank"):  # fmt: skip
+                     "--resolution", "--adapter-type", "--target-rank", "--learning-rate"):  # fmt: skip
             parser.add_argument(flag)
         parser.add_argument("--overwrite", action="store_true")
         args = parser.parse_args(argv)
@@ -76,6 +79,8 @@ def main(argv: list[str]) -> int:
         run = Path(args.output_dir)
         run.mkdir(parents=True, exist_ok=True)
         config = {"base": args.base, "instance_data_dir": args.instance_data_dir, "identifier": "sks"}
+        if args.learning_rate:
+            config["learning_rate"] = float(args.learning_rate)
         (run / "train_config.yaml").write_text(yaml.safe_dump(config))
         seed = int(args.seed)
         if args.rank_mode == "fixed":
@@ -100,11 +105,18 @@ def main(argv: list[str]) -> int:
         parser.add_argument("--run")
         parser.add_argument("--device")
         parser.add_argument("--num-images")
+        parser.add_argument("--dino-model")
+        parser.add_argument("--clip-model")
         args = parser.parse_args(argv)
         run = Path(args.run)
         tensors = load_file(str(run / "pytorch_lora_weights.safetensors"))
         ranks = [v.shape[0] for k, v in tensors.items() if "lora_A" in k]
         score = 0.5 + 0.001 * sum(ranks) / len(ranks)
+        config = yaml.safe_load((run / "train_config.yaml").read_text())
+        if "learning_rate" in config:
+            subject = Path(config["instance_data_dir"]).name
+            lr_penalty = 0.01 * abs(np.log10(config["learning_rate"]) + 3)
+            score = 0.5 + 0.001 * sum(ranks) / len(ranks) * len(subject) / 10 - lr_penalty
         summary = {m: {"mean": score, "std": 0.01} for m in ("dino", "clip_i", "clip_t")}
         (run / "eval.json").write_text(json.dumps({"summary": summary}))
         return 0

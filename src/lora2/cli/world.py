@@ -53,7 +53,12 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _add_pretrain(sub) -> None:
     parser = sub.add_parser("pretrain", help="pretrain the world's base model and evaluators (GPU: ~8 min on an H200)")
     parser.add_argument("--out", required=True, help="output folder: base/, clip/, dino/ are written there")
-    parser.add_argument("--scale", default="full", choices=("full", "tiny"), help="tiny: a CPU-sized smoke run")
+    parser.add_argument(
+        "--scale",
+        default="full",
+        choices=("full", "tiny", "world2", "world2-tiny"),
+        help="tiny: a CPU-sized smoke run; world2: the second world (128 px, docs/WORLD.md)",
+    )
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     parser.add_argument("--steps", type=int, default=None, help="UNet steps (wall-clock budgets still apply)")
     parser.add_argument("--seed", type=int, default=0)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -48,6 +49,8 @@ from lora2.train.run_folder import CONFIG_FILE, MAIN_ADAPTER
 logger = logging.getLogger(__name__)
 
 FIXED_RANKS = (8, 16, 32, 64, 128, 256, 512)
+# fixed-rank LoRA of any power-of-two rank, optionally at its own learning rate: "fixed-4", "fixed-4-lr3e-4"
+FIXED_NAME = re.compile(r"fixed-(\d+)(?:-lr(\d+(?:\.\d+)?(?:e-?\d+)?))?")
 # λ_e of the "lora2" method: the value of both third-party reimplementations (docs/LORA2_METHOD.md); set here
 # explicitly because the trainer's default entropy_weight is 0, which would make lora2 == lora2-noentropy.
 LORA2_ENTROPY_WEIGHT = 1e-4
@@ -87,12 +90,30 @@ class Method:
     reason: str = ""
 
 
+def fixed_rank_method(rank: int, learning_rate: str | None = None) -> Method:
+    """LoRA of rank ``rank`` (a power of two, as in ``FIXED_RANKS``) in every layer ("fixed-<rank>").
+
+    With ``learning_rate`` (as written, e.g. "3e-4") the method trains at that learning rate and is named
+    "fixed-<rank>-lr<learning_rate>": a learning-rate sweep in one grid (the bench's ``train_args`` must then not
+    set learning_rate, which would override it).
+    """
+    if rank < 1 or rank & (rank - 1):
+        raise ValueError(f"a fixed-rank method's rank must be a power of two, got {rank}")
+    args = {"rank_mode": "fixed", "init_rank": rank, "max_rank": max(512, rank)}
+    if learning_rate is None:
+        return Method(f"fixed-{rank}", f"LoRA, rank {rank} in every layer", args)
+    if not float(learning_rate) > 0:
+        raise ValueError(f"a fixed-rank method's learning rate must be > 0, got {learning_rate!r}")
+    return Method(
+        f"fixed-{rank}-lr{learning_rate}",
+        f"LoRA, rank {rank} in every layer, learning rate {learning_rate}",
+        {**args, "learning_rate": float(learning_rate)},
+    )
+
+
 def method_registry() -> dict[str, Method]:
-    """All known methods by name."""
-    methods = [
-        Method(f"fixed-{r}", f"LoRA, rank {r} in every layer", {"rank_mode": "fixed", "init_rank": r, "max_rank": 512})
-        for r in FIXED_RANKS
-    ]
+    """All known methods by name (fixed-rank methods of other ranks and learning rates: ``resolve_methods``)."""
+    methods = [fixed_rank_method(r) for r in FIXED_RANKS]
     lora2 = {"rank_mode": "adaptive", "entropy_weight": LORA2_ENTROPY_WEIGHT}
     methods += [
         Method("lora2", "LoRA² (learned ranks, rank regularisation and entropy term)", lora2),
@@ -186,13 +207,18 @@ class BenchConfig:
 
 # ---------------------------------------------------------------------- validation (before any GPU time)
 def resolve_methods(names: list[str]) -> list[Method]:
-    """Registry entries for ``names`` ("all" = every method); dependencies must be in the grid too."""
+    """Registry entries for ``names`` ("all" = every method), and fixed-rank methods of any power-of-two rank and
+    learning rate ("fixed-4", "fixed-2-lr3e-4"); dependencies must be in the grid too."""
     registry = method_registry()
     if names == ["all"]:
         return list(registry.values())
+    for name in names:
+        match = FIXED_NAME.fullmatch(name)
+        if name not in registry and match and int(match[1]) >= 1 and not int(match[1]) & (int(match[1]) - 1):
+            registry[name] = fixed_rank_method(int(match[1]), match[2])
     unknown = [n for n in names if n not in registry]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(registry)}")
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(registry)}, fixed-<power of two>[-lr<rate>]")
     methods = [registry[n] for n in dict.fromkeys(names)]
     for method in methods:
         missing = [d for d in method.depends_on if d not in names]

@@ -17,7 +17,9 @@ Three phases, each a plain diffusers / transformers model trained with its usual
    of SDXL's settings.
 
 The pipeline skeleton (configs, tokenizers) is built by ``lora2.world.tiny.build_tiny_sdxl``; ``SCALES`` holds the
-component sizes of the committed model ("full") and of the CPU test ("tiny").
+component sizes of the committed model ("full"), of the CPU test ("tiny") and of the second world ("world2": 128 px,
+a three-level UNet with transformer depth 2 and 3, not pretrained yet; docs/WORLD.md, "Second world"; "world2-tiny"
+is its CPU smoke test).
 """
 
 from __future__ import annotations
@@ -104,8 +106,22 @@ FULL_TEXT = {
     "hidden_act": "gelu",
 }
 
+# The second world (issue 19): 128 px → 4×32×32 latents; SDXL's layout (no attention at the first level, deeper
+# transformers lower down: SDXL has depths 1/2/10 at widths 320/640/1280) at widths 32/64/96 and depths -/2/3, so
+# that LoRA meets layers of four shapes (64×64, 96×96, 128→64, 128→96) in 224 attention projections; the whole
+# base stays under 20 MB in fp16 (tests/world/test_world2.py).
+WORLD2_VAE = {**FULL_VAE, "block_out_channels": (48, 96, 96), "norm_num_groups": 16}
+WORLD2_UNET = {
+    **FULL_UNET,
+    "block_out_channels": (32, 64, 96),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 3),
+    "attention_head_dim": (1, 2, 3),
+}
+
 SCALES: dict[str, PretrainScale] = {
     "full": PretrainScale(vae_config=FULL_VAE, unet_config=FULL_UNET, text_config=FULL_TEXT),
+    "world2": PretrainScale(image_size=128, vae_config=WORLD2_VAE, unet_config=WORLD2_UNET, text_config=FULL_TEXT),
     "tiny": PretrainScale(
         image_size=32,
         num_images=16,
@@ -121,6 +137,10 @@ SCALES: dict[str, PretrainScale] = {
         evaluator_size="tiny",
     ),
 }
+# world2's architecture at the CPU test's data, steps, batches and budgets: the smoke test of benchmarks/gpu_world2.sh
+_BUDGET_KEYS = ("num_images", "vae_steps", "vae_batch_size", "vae_seconds", "base_steps", "base_batch_size",
+                "base_seconds", "eval_steps", "eval_batch_size", "eval_seconds", "evaluator_size")  # fmt: skip
+SCALES["world2-tiny"] = replace(SCALES["world2"], **{key: getattr(SCALES["tiny"], key) for key in _BUDGET_KEYS})
 
 
 def world_data(
@@ -460,7 +480,7 @@ def _pipeline_with_vae(
         pipe.vae.to(device).eval()
         logger.info("continuing from %s (VAE kept, scaling_factor %.4f)", init_from, pipe.vae.config.scaling_factor)
         return pipe
-    pipe = _initial_pipeline(cfg, seed)
+    pipe = initial_pipeline(cfg, seed)
     train_vae(
         pipe.vae,
         images,
@@ -483,8 +503,9 @@ def _keep_tokenizers(source: Path, out_dir: Path) -> None:
         shutil.copytree(source / name, out_dir / name)
 
 
-def _initial_pipeline(cfg: PretrainScale, seed: int) -> StableDiffusionXLPipeline:
-    """A randomly initialised pipeline of the scale's component sizes."""
+def initial_pipeline(scale: str | PretrainScale, seed: int = 0) -> StableDiffusionXLPipeline:
+    """The randomly initialised pipeline of a scale's component sizes, the one pretraining starts from."""
+    cfg = resolve_scale(scale)
     with tempfile.TemporaryDirectory() as skeleton:
         build_tiny_sdxl(
             Path(skeleton) / "init",
@@ -495,6 +516,20 @@ def _initial_pipeline(cfg: PretrainScale, seed: int) -> StableDiffusionXLPipelin
             vae_config=cfg.vae_config or None,
         )
         return StableDiffusionXLPipeline.from_pretrained(Path(skeleton) / "init", torch_dtype=torch.float32)
+
+
+def component_sizes(pipe: StableDiffusionXLPipeline, image_size: int) -> dict[str, Any]:
+    """Parameters of each component of a base pipeline, their fp16 bytes, and the latent shape of ``image_size``."""
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    parameters = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in names}
+    side = image_size // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return {
+        "image_size": image_size,
+        "latent_shape": [pipe.vae.config.latent_channels, side, side],
+        "parameters": parameters,
+        "total_parameters": sum(parameters.values()),
+        "fp16_bytes": 2 * sum(parameters.values()),
+    }
 
 
 def resolve_scale(scale: str | PretrainScale) -> PretrainScale:

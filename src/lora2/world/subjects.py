@@ -22,11 +22,13 @@ import io
 import json
 import logging
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from lora2.world import generator as g
@@ -57,8 +59,9 @@ PALETTE: dict[str, tuple[float, float, float]] = {
     "plum": (0.40, 0.12, 0.35),
 }
 
-# Subject-only patterns (not world words) next to the world's PATTERNS.
-SUBJECT_PATTERNS = ("rings", "sectors", "bands", "grid")
+# Subject-only patterns (not world words) next to the world's PATTERNS; "glyphs" writes a layer's ``text``.
+SUBJECT_PATTERNS = ("rings", "sectors", "bands", "grid", "glyphs")
+GLYPH_ROWS, GLYPH_COLUMNS = 5, 3  # a glyph is a 5×3 bitmap; one blank column follows each
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ class Layer:
 
     ``shape`` is a world shape or ``star<n>`` (an n-pointed star) / ``poly<n>`` (a regular n-gon); ``scale`` is
     (sx, sy); ``offset`` the centre; ``rotation`` in degrees; ``color`` and ``color2`` are ``PALETTE`` or world
-    colour names; ``pattern`` is a world pattern or one of ``SUBJECT_PATTERNS``, with period ``period``.
+    colour names; ``pattern`` is a world pattern or one of ``SUBJECT_PATTERNS``, with period ``period``; ``text``
+    is the string the "glyphs" pattern writes across the layer in ``color2`` (one line, ``glyph_bitmap``).
     """
 
     shape: str
@@ -78,16 +82,19 @@ class Layer:
     pattern: str = "solid"
     color2: str | None = None
     period: float = 0.5
+    text: str = ""
 
 
 @dataclass(frozen=True)
 class Subject:
-    """A personalization subject: ``name`` (folder), ``class_name`` (world shape), parts and a description."""
+    """A personalization subject: ``name`` (folder), ``class_name`` (world shape), parts and a description;
+    ``level`` is the designed complexity grade of a graded set (world2's 1-5), 0 where there is none."""
 
     name: str
     class_name: str
     description: str
     layers: tuple[Layer, ...] = field(default_factory=tuple)
+    level: int = 0
 
     @property
     def colors(self) -> set[str]:
@@ -314,9 +321,34 @@ def _layer_frame(x: torch.Tensor, y: torch.Tensor, layer: Layer) -> tuple[torch.
     return qx / layer.scale[0], qy / layer.scale[1]
 
 
-def _subject_pattern(pattern: str, x: torch.Tensor, y: torch.Tensor, px: torch.Tensor, period: float):
+def glyph_bitmap(text: str) -> torch.Tensor:
+    """0/1 bitmap (7 × (4·len(text) + 1)) of ``text``: each character a 5×3 glyph made of the low 15 bits of its
+    CRC-32 (an invented script: deterministic, and no font file), glyphs one blank column apart, a blank margin of
+    one cell round the line."""
+    cells = [torch.zeros(GLYPH_ROWS, 1)]
+    for char in text:
+        bits = zlib.crc32(char.encode("utf-8"))
+        glyph = torch.tensor([(bits >> i) & 1 for i in range(GLYPH_ROWS * GLYPH_COLUMNS)], dtype=torch.float32)
+        cells += [glyph.view(GLYPH_ROWS, GLYPH_COLUMNS), torch.zeros(GLYPH_ROWS, 1)]
+    return F.pad(torch.cat(cells, dim=1), (0, 0, 1, 1))  # 7 × (4·len(text) + 1)
+
+
+def _glyph_weight(text: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Ink weight (0/1) of ``text`` stretched over the layer square [-1, 1]² (y up), as blocks of whole cells."""
+    if not text:
+        raise ValueError("the glyphs pattern needs a layer text, got an empty one")
+    bitmap = glyph_bitmap(text)  # R×C
+    grid = torch.stack([x, -y], dim=-1)  # 1×H×W×2, grid_sample's (column, row) in [-1, 1]
+    value = F.grid_sample(bitmap[None, None], grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return value[:, 0]  # 1×H×W
+
+
+def _subject_pattern(layer: Layer, x: torch.Tensor, y: torch.Tensor, px: torch.Tensor):
+    pattern, period = layer.pattern, layer.period
     if pattern in g.PATTERNS:
         return g.pattern_weight(pattern, x, y, px, period)
+    if pattern == "glyphs":
+        return _glyph_weight(layer.text, x, y)
     rho = torch.sqrt(x * x + y * y)
     if pattern == "rings":
         k = 2 * math.pi / period
@@ -359,17 +391,21 @@ def render_subject(
         if layer.pattern == "solid":
             surface = torch.tensor(_c(layer.color)).expand(*alpha.shape, 3)
         else:
-            weight = _subject_pattern(layer.pattern, lx, ly, layer_px, layer.period)
+            weight = _subject_pattern(layer, lx, ly, layer_px)
             surface = g.mix(torch.tensor(_c(layer.color)), torch.tensor(_c(layer.color2 or layer.color)), weight)
         image = g.mix(image, surface, alpha)
     return Image.fromarray((image[0] * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).numpy(), mode="RGB")
 
 
-def png_bits_per_pixel(subject: Subject, size: int = 128) -> float:
-    """Measured complexity: PNG-compressed bits per pixel of the canonical render on white."""
-    buffer = io.BytesIO()
-    render_subject(subject, size).save(buffer, format="PNG", optimize=True)
-    return 8.0 * len(buffer.getvalue()) / (size * size)
+def png_bits_per_pixel(subject: Subject, size: int = 128, rotations: tuple[float, ...] = (0.0,)) -> float:
+    """Measured complexity: PNG-compressed bits per pixel of the canonical render on white, averaged over renders
+    turned by ``rotations`` (degrees; upright only by default)."""
+    bits = 0.0
+    for rotation in rotations:
+        buffer = io.BytesIO()
+        render_subject(subject, size, rotation=rotation).save(buffer, format="PNG", optimize=True)
+        bits += 8.0 * len(buffer.getvalue()) / (size * size)
+    return bits / len(rotations)
 
 
 def instance_views(subject_index: int, count: int) -> list[dict]:
@@ -409,33 +445,47 @@ def prompts_and_classes_text(subjects: tuple[Subject, ...] = SUBJECTS) -> str:
     )
 
 
-def _write_subject(root: Path, index: int, subject: Subject, size: int, quality: int) -> dict:
+def _write_subject(
+    root: Path, index: int, subject: Subject, size: int, quality: int, png_rotations: tuple[float, ...]
+) -> dict:
     """Write one subject folder; returns its subjects.json record."""
     folder = root / subject.name
     folder.mkdir(exist_ok=True)
     views = instance_views(index, num_instances(index))
     for i, view in enumerate(views):
         render_subject(subject, size, **view).save(folder / f"{i:02d}.jpg", quality=quality)
-    return {
+    record = {
         "name": subject.name,
         "class": subject.class_name,
         "description": subject.description,
         "complexity": subject.complexity,
-        "png_bits_per_pixel": round(png_bits_per_pixel(subject), 4),
+        "png_bits_per_pixel": round(png_bits_per_pixel(subject, rotations=png_rotations), 4),
         "num_layers": len(subject.layers),
         "colors": sorted(subject.colors),
         "num_images": len(views),
         "views": views,
     }
+    return record | ({"level": subject.level} if subject.level else {})
 
 
-def write_subjects(root: Path, size: int = 128, quality: int = 95) -> Path:
+def write_subjects(
+    root: Path,
+    size: int = 128,
+    quality: int = 95,
+    subjects: tuple[Subject, ...] = SUBJECTS,
+    version: str = DATASET_VERSION,
+    png_rotations: tuple[float, ...] = (0.0,),
+) -> Path:
     """Write the subject dataset to ``root`` (created) and return ``root``.
 
     Args:
         root: output folder: ``<subject>/00.jpg ...``, ``prompts_and_classes.txt``, ``subjects.json``.
         size: image side in pixels (training code resizes, as for the DreamBooth photographs).
         quality: JPEG quality.
+        subjects: the subject set (the first world's ``SUBJECTS``, or ``lora2.world.world2.SUBJECTS``).
+        version: the set's dataset version, recorded in ``subjects.json``.
+        png_rotations: rotations (degrees) whose renders' PNG bits per pixel are averaged as the measured
+            complexity (``png_bits_per_pixel``).
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size (--size) must be a positive number of pixels, got {size!r}")
@@ -447,17 +497,17 @@ def write_subjects(root: Path, size: int = 128, quality: int = 95) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small images: intra-op threads only add synchronisation
     try:
-        for index, subject in enumerate(SUBJECTS):
-            records.append(_write_subject(root, index, subject, size, quality))
+        for index, subject in enumerate(subjects):
+            records.append(_write_subject(root, index, subject, size, quality, png_rotations))
     finally:
         torch.set_num_threads(threads)
-    (root / "prompts_and_classes.txt").write_text(prompts_and_classes_text())
+    (root / "prompts_and_classes.txt").write_text(prompts_and_classes_text(subjects))
     meta = {
-        "version": DATASET_VERSION,
+        "version": version,
         "image_size": size,
         "complexity": "n_layers + n_patterned_layers + (n_colours - 1)",
         "subjects": records,
     }
     (root / "subjects.json").write_text(json.dumps(meta, indent=2))
-    logger.info("%d subjects -> %s", len(SUBJECTS), root)
+    logger.info("%d subjects -> %s", len(subjects), root)
     return root

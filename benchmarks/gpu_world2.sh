@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The second world (issue 19) on one GPU, in steps that each fit a 10-minute device call:
+#   pretrain  its base pipeline (VAE, then UNet + text encoders) and its own 128-px CLIP and DINO evaluators, with
+#             benchmarks/gpu_world_pretrain.sh at scale world2 (the first world's evaluators see 64 px and would blur
+#             the detail world2 is made of); skipped when $WORLD2 already holds base/, clip/ and dino/;
+#   gate      the discrimination gate, benchmarks/world2_gate.py run (resumable: a call stopped by its time limit
+#             leaves finished cells in $GATE, and the next call on the same warm machine continues);
+#   all       both, under one budget.
+# Everything lives under /tmp on the device (WORLD2=/tmp/world2, GATE=/tmp/world2_gate): chain the calls while the
+# machine stays warm. What comes back in $OUT: base.tar.part-*, clip.tar, dino.tar, logs.tgz (pretrain, as
+# gpu_world_pretrain.sh writes them), world2_gate.json and world2_gate_cells.json once the gate is complete,
+# gate.log, gate.tgz (the bench folder without run/ folders).
+#
+# usage (device, repository root, diffusers wheels in .whl/):
+#   OUT=... bash benchmarks/gpu_world2.sh pretrain
+#   OUT=... LIMIT=540 JOBS=16 bash benchmarks/gpu_world2.sh gate      # again until world2_gate.json comes back
+# CPU smoke test of the same steps (tiny data, world2's architecture):
+#   OUT=/tmp/o SCALE=world2-tiny DEVICE=cpu GATE_ARGS=--tiny JOBS=2 WORLD2=/tmp/w2 GATE=/tmp/g2 \
+#     bash benchmarks/gpu_world2.sh all
+set -uo pipefail
+step=${1:-all}
+start=$(date +%s)
+out=${OUT:?OUT must name the output folder}
+mkdir -p "$out"
+if [ -d .whl ] && [ ! -d /tmp/site/diffusers ]; then # once per machine
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 LORA2_CACHE=/tmp/lora2cache
+world=${WORLD2:-/tmp/world2}
+gate=${GATE:-/tmp/world2_gate}
+
+if [[ $step == pretrain || $step == all ]]; then
+  if [ -f "$world/base/model_index.json" ] && [ -f "$world/clip/config.json" ] && [ -f "$world/dino/config.json" ]; then
+    echo "pretrain: $world already holds base, clip and dino"
+  else
+    OUT="$out" WORK="$world" PARTS="base clip dino" bash benchmarks/gpu_world_pretrain.sh "${SCALE:-world2}" \
+      "${DEVICE:-cuda}"
+    echo "pretrain: $(($(date +%s) - start)) s"
+  fi
+fi
+
+if [[ $step == gate || $step == all ]]; then
+  left=$((${LIMIT:-540} - $(date +%s) + start))
+  # shellcheck disable=SC2086  # GATE_ARGS is a list of options
+  python3 benchmarks/world2_gate.py run --world "$world" --out "$gate" --parallel "${JOBS:-16}" \
+    --time-limit "$left" ${GATE_ARGS:-} >>"$out/gate.log" 2>&1
+  echo "gate exit $? after $(($(date +%s) - start)) s"
+  for f in world2_gate.json world2_gate_cells.json; do [ -f "$gate/$f" ] && cp "$gate/$f" "$out/"; done
+  tar czf "$out/gate.tgz" -C "$(dirname "$gate")" --exclude='run' "$(basename "$gate")/bench"
+  grep -c '"event": "done"' "$gate/bench/cells.jsonl"
+  tail -3 "$out/gate.log"
+fi

@@ -1,0 +1,394 @@
+"""The second world's discrimination gate (issue 19): does fixed-rank LoRA at a low rank score below rank 64?
+
+Measured before any method comparison, through ``lora2 bench`` (one bench folder, so it resumes and packs jobs on the
+GPU like every grid):
+
+1. sweep: fixed ranks ``RANKS`` × learning rates ``LEARNING_RATES`` on seed 0, every subject (methods named
+   ``fixed-<rank>-lr<rate>``, ``lora2.eval.bench.fixed_rank_method``);
+2. each rank's best learning rate: the highest mean DINO over the subjects at seed 0 (``best_learning_rates``);
+3. confirm: each rank at its best learning rate on seeds 1 and 2, every subject;
+4. the gate (``gate_result``), on the confirmation seeds only: DINO of the low rank against rank 64, paired by
+   (subject, seed); ``paired_diff`` = mean of (high − low), ``paired_se`` = its standard error (sample standard
+   deviation / √n); ``spearman_gap_vs_complexity`` = Spearman ρ between each subject's mean gap and its complexity
+   (``png_bits_per_pixel`` in the subjects' ``subjects.json``). The world discriminates (``discriminates``) when
+   the paired difference is at least 3 standard errors and ρ > 0. The low rank is 4, or 8 when 4 does not pass.
+
+Writes ``<out>/world2_gate.json`` (exactly the issue's keys) and ``<out>/world2_gate_cells.json`` (best learning
+rates, every rank's mean DINO, the verdict, the per-subject gaps). ``--tiny`` runs the same chain end to end at
+smoke-test size (ranks 4 and 64, one learning rate, two subjects, two steps, one image per evaluation) against
+``--world`` or, without it, a tiny world pretrained on the CPU (``pretrain_world(scale="tiny")``: 32 px, two steps
+per phase): a test of the plumbing, not a measurement. ``describe`` prints (and ``--json`` writes) the world2 base
+model's numbers computed from its configuration (parameters, fp16 size, latent shape, adapted layers by shape) and
+its subjects' levels and measured complexity.
+
+usage:
+    python benchmarks/world2_gate.py run --world DIR --out DIR [--parallel 16] [--time-limit 540]
+    python benchmarks/world2_gate.py run --tiny --out /tmp/gate_tiny [--world DIR]
+    python benchmarks/world2_gate.py describe [--json benchmarks/results/world2_config.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from lora2.eval.bench import BenchConfig, bench, fixed_rank_method
+from lora2.eval.report import collect, spearman
+
+logger = logging.getLogger("world2_gate")
+
+RANKS = (2, 4, 8, 16, 32, 64, 128)
+LEARNING_RATES = ("3e-4", "1e-3", "3e-3")
+SWEEP_SEED = 0
+CONFIRM_SEEDS = (1, 2)
+LOW_RANKS = (4, 8)  # the gate's low rank: the first that passes, else the first
+HIGH_RANK = 64
+MIN_Z = 3.0  # the paired difference must reach this many standard errors
+MIN_SECONDS = 30.0  # a bench call with less time left than this is not started
+GATE_KEYS = (
+    "low_rank",
+    "high_rank",
+    "dino_low",
+    "dino_high",
+    "paired_diff",
+    "paired_se",
+    "n_pairs",
+    "spearman_gap_vs_complexity",
+)
+# the world grid's protocol (benchmarks/gpu_bench.sh): 300 steps, samples of one step, no checkpoint inside a cell
+TRAIN_ARGS = ("sample_steps=1", "checkpointing_steps=1000")
+EVAL_ARGS = ("num_images=2",)
+TINY = {
+    "ranks": (4, 64),
+    "learning_rates": ("1e-3",),
+    "subjects": ("rust_triangle", "mosaic_star"),
+    "steps": 2,
+    "train_args": ("sample_steps=1", "checkpointing_steps=1000", "num_validation_images=1"),
+    "eval_args": ("num_images=1", "max_prompts=1", "num_inference_steps=2"),
+}
+
+Scores = dict[tuple[str, str, int], float]  # (subject, method, seed) -> DINO
+
+
+# ---------------------------------------------------------------------- the plan (pure)
+def sweep_methods(ranks: tuple[int, ...], learning_rates: tuple[str, ...]) -> list[str]:
+    """Method names of the seed-0 sweep: every rank at every learning rate."""
+    if len(set(learning_rates)) != len(learning_rates) or len(set(ranks)) != len(ranks):
+        raise ValueError(f"ranks {ranks} and learning rates {learning_rates} must not repeat")
+    return [fixed_rank_method(rank, lr).name for rank in ranks for lr in learning_rates]
+
+
+def best_learning_rates(
+    scores: Scores, ranks: tuple[int, ...], learning_rates: tuple[str, ...], subjects: list[str]
+) -> dict[int, str]:
+    """Each rank's learning rate of highest mean DINO over ``subjects`` at the sweep seed (ties: the smaller rate).
+
+    Raises ValueError naming the missing cells when the sweep is incomplete (run the same command again to resume).
+    """
+    missing = [
+        (subject, fixed_rank_method(rank, lr).name)
+        for rank in ranks
+        for lr in learning_rates
+        for subject in subjects
+        if (subject, fixed_rank_method(rank, lr).name, SWEEP_SEED) not in scores
+    ]
+    if missing:
+        raise ValueError(f"the seed-{SWEEP_SEED} sweep lacks {len(missing)} cells, e.g. {missing[:3]}; run it again")
+    best = {}
+    for rank in ranks:
+        means = {
+            lr: statistics.fmean(scores[(s, fixed_rank_method(rank, lr).name, SWEEP_SEED)] for s in subjects)
+            for lr in learning_rates
+        }
+        best[rank] = max(sorted(learning_rates, key=float), key=lambda lr: means[lr])
+    return best
+
+
+def confirm_methods(best: dict[int, str]) -> list[str]:
+    """Method names of the confirmation: every rank at its best learning rate."""
+    return [fixed_rank_method(rank, lr).name for rank, lr in best.items()]
+
+
+# ---------------------------------------------------------------------- the statistics (pure)
+def paired_difference(low: dict[tuple[str, int], float], high: dict[tuple[str, int], float]) -> dict[str, float]:
+    """Mean of low, mean of high, mean of the paired differences high − low over their common (subject, seed) keys,
+    its standard error (sample standard deviation / √n) and n. Needs n ≥ 2."""
+    keys = sorted(set(low) & set(high))
+    if len(keys) < 2:
+        raise ValueError(f"a paired difference needs at least 2 common (subject, seed) pairs, got {len(keys)}")
+    diffs = [high[k] - low[k] for k in keys]
+    return {
+        "dino_low": statistics.fmean(low[k] for k in keys),
+        "dino_high": statistics.fmean(high[k] for k in keys),
+        "paired_diff": statistics.fmean(diffs),
+        "paired_se": statistics.stdev(diffs) / math.sqrt(len(keys)),
+        "n_pairs": len(keys),
+    }
+
+
+def subject_gaps(low: dict[tuple[str, int], float], high: dict[tuple[str, int], float]) -> dict[str, float]:
+    """Each subject's mean gap high − low over its seeds (common keys only)."""
+    by_subject: dict[str, list[float]] = {}
+    for key in sorted(set(low) & set(high)):
+        by_subject.setdefault(key[0], []).append(high[key] - low[key])
+    return {subject: statistics.fmean(gaps) for subject, gaps in by_subject.items()}
+
+
+def gate_result(
+    low: dict[tuple[str, int], float],
+    high: dict[tuple[str, int], float],
+    complexity: dict[str, float],
+    low_rank: int,
+    high_rank: int,
+) -> dict[str, float | int]:
+    """The gate's JSON record (``GATE_KEYS``) from per-(subject, seed) DINO of the two ranks."""
+    stats = paired_difference(low, high)
+    gaps = subject_gaps(low, high)
+    missing = sorted(set(gaps) - set(complexity))
+    if missing:
+        raise ValueError(f"no complexity for subject(s) {missing}")
+    rho = spearman([complexity[s] for s in gaps], list(gaps.values()))
+    return {"low_rank": low_rank, "high_rank": high_rank, **stats, "spearman_gap_vs_complexity": rho}
+
+
+def discriminates(result: dict[str, float | int], min_z: float = MIN_Z) -> bool:
+    """The issue's criterion: high − low ≥ ``min_z`` standard errors of the paired difference, and ρ > 0."""
+    rho = result["spearman_gap_vs_complexity"]
+    return result["paired_diff"] >= min_z * result["paired_se"] and not math.isnan(rho) and rho > 0
+
+
+def rank_scores(scores: Scores, rank: int, learning_rate: str, seeds: tuple[int, ...]) -> dict[tuple[str, int], float]:
+    """DINO by (subject, seed) of one rank at one learning rate, over ``seeds``."""
+    name = fixed_rank_method(rank, learning_rate).name
+    return {(s, seed): v for (s, m, seed), v in scores.items() if m == name and seed in seeds}
+
+
+def decide(
+    scores: Scores, best: dict[int, str], complexity: dict[str, float], low_ranks=LOW_RANKS, high_rank=HIGH_RANK
+) -> tuple[dict, bool]:
+    """The gate record of the first low rank that passes (else of the first) against ``high_rank``, and the verdict."""
+    high = rank_scores(scores, high_rank, best[high_rank], CONFIRM_SEEDS)
+    results = []
+    for low_rank in low_ranks:
+        result = gate_result(rank_scores(scores, low_rank, best[low_rank], CONFIRM_SEEDS), high, complexity,
+                             low_rank, high_rank)  # fmt: skip
+        if discriminates(result):
+            return result, True
+        results.append(result)
+    return results[0], False
+
+
+# ---------------------------------------------------------------------- running it
+def dino_scores(bench_dir: Path) -> Scores:
+    """DINO of every evaluated cell of a bench folder."""
+    return {(c.subject, c.method, c.seed): c.scores["dino"] for c in collect(bench_dir) if "dino" in c.scores}
+
+
+def complexities(subjects_root: Path) -> dict[str, float]:
+    """Subject → ``png_bits_per_pixel`` from ``subjects.json``."""
+    meta = json.loads((subjects_root / "subjects.json").read_text(encoding="utf-8"))
+    return {entry["name"]: float(entry["png_bits_per_pixel"]) for entry in meta["subjects"]}
+
+
+def _world(args: argparse.Namespace, out: Path) -> dict[str, Path]:
+    """base/clip/dino folders: ``--world``, else (``--tiny``) a tiny world pretrained on the CPU into ``out``."""
+    if args.world is None:
+        from lora2.world.evaluators import pretrain_world
+
+        world = out / "tiny_world"
+        if not (world / "dino" / "config.json").is_file():
+            pretrain_world(world, scale="tiny", device="cpu")
+    else:
+        world = Path(args.world)
+    paths = {name: world / name for name in ("base", "clip", "dino")}
+    absent = [str(p) for p in paths.values() if not p.is_dir()]
+    if absent:
+        raise ValueError(f"--world {world} lacks {absent} (pretrain it: benchmarks/gpu_world2.sh)")
+    return paths
+
+
+def _subjects_root(args: argparse.Namespace, out: Path) -> Path:
+    """The world2 subject dataset, written once into ``out/subjects`` (deterministic), unless ``--data-root``."""
+    if args.data_root:
+        return Path(args.data_root)
+    from lora2.world.world2 import write_world2_subjects
+
+    root = out / "subjects"
+    if not (root / "subjects.json").is_file():
+        write_world2_subjects(root)
+    return root
+
+
+def _bench(args, world, root, subjects, methods, seeds, deadline) -> dict[str, int]:
+    """One ``lora2 bench`` call: ``methods`` × ``subjects`` × ``seeds`` in ``<out>/bench``, within the time left."""
+    left = None if deadline is None else deadline - time.time()
+    if left is not None and left < MIN_SECONDS:
+        logger.warning("%.0f s left: %d methods not started (the next call resumes)", left, len(methods))
+        return {}
+    config = BenchConfig(
+        subjects=list(subjects),
+        methods=methods,
+        out=str(Path(args.out) / "bench"),
+        seeds=list(seeds),
+        data_root=str(root),
+        base=str(world["base"]),
+        steps=args.steps,
+        train_args=list(args.train_arg),
+        eval_args=[f"dino_model={world['dino']}", f"clip_model={world['clip']}", *args.eval_arg],
+        jobs_per_gpu=args.parallel,
+        cpu_jobs=args.parallel,
+        time_limit=left,
+    )
+    return bench(config)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Sweep, choose, confirm, decide; returns 0 when the gate file is written, 3 when cells are still missing."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + args.time_limit if args.time_limit else None
+    world = _world(args, out)
+    root = _subjects_root(args, out)
+    subjects = list(args.subjects or complexities(root))
+    ranks, lrs = tuple(args.ranks), tuple(args.learning_rates)
+    for needed in (*LOW_RANKS[:1], HIGH_RANK):
+        if needed not in ranks:
+            raise ValueError(f"--ranks {ranks} must include the gate's ranks {LOW_RANKS[0]} and {HIGH_RANK}")
+    logger.info("sweep: %d ranks x %d learning rates x %d subjects, seed %d", len(ranks), len(lrs), len(subjects),
+                SWEEP_SEED)  # fmt: skip
+    _bench(args, world, root, subjects, sweep_methods(ranks, lrs), (SWEEP_SEED,), deadline)
+    try:
+        best = best_learning_rates(dino_scores(out / "bench"), ranks, lrs, subjects)
+    except ValueError as error:
+        logger.warning("%s", error)
+        return 3
+    logger.info("best learning rates: %s", best)
+    _bench(args, world, root, subjects, confirm_methods(best), CONFIRM_SEEDS, deadline)
+    scores = dino_scores(out / "bench")
+    expected = len(best) * len(subjects) * len(CONFIRM_SEEDS)
+    confirmed = sum(1 for (_, m, seed) in scores if seed in CONFIRM_SEEDS and m in confirm_methods(best))
+    if confirmed < expected:
+        logger.warning("confirmation: %d of %d cells evaluated; run the same command again", confirmed, expected)
+        return 3
+    complexity = complexities(root)
+    low_ranks = tuple(r for r in LOW_RANKS if r in ranks)
+    result, verdict = decide(scores, best, complexity, low_ranks)
+    write_results(out, result, verdict, scores, best, complexity)
+    return 0
+
+
+def write_results(out: Path, result: dict, verdict: bool, scores: Scores, best: dict[int, str], complexity) -> None:
+    """``world2_gate.json`` (the issue's keys, in order; an undefined ρ as null) and ``world2_gate_cells.json``
+    (everything behind it)."""
+    record = {k: None if isinstance(result[k], float) and math.isnan(result[k]) else result[k] for k in GATE_KEYS}
+    (out / "world2_gate.json").write_text(json.dumps(record, indent=1) + "\n")
+    means = {
+        rank: statistics.fmean(rank_scores(scores, rank, lr, CONFIRM_SEEDS).values()) for rank, lr in best.items()
+    }
+    low = rank_scores(scores, result["low_rank"], best[result["low_rank"]], CONFIRM_SEEDS)
+    high = rank_scores(scores, result["high_rank"], best[result["high_rank"]], CONFIRM_SEEDS)
+    details = {
+        "discriminates": verdict,
+        "criterion": f"paired_diff >= {MIN_Z} * paired_se and spearman_gap_vs_complexity > 0",
+        "best_learning_rate": {str(r): lr for r, lr in best.items()},
+        "mean_dino_confirm_seeds": {str(r): m for r, m in means.items()},
+        "subject_gap": subject_gaps(low, high),
+        "complexity_png_bits_per_pixel": complexity,
+        "cells": [{"subject": s, "method": m, "seed": seed, "dino": v} for (s, m, seed), v in sorted(scores.items())],
+    }
+    (out / "world2_gate_cells.json").write_text(json.dumps(details, indent=1) + "\n")
+    logger.info("gate: %s -> %s", record, "discriminates" if verdict else "does not")
+
+
+# ---------------------------------------------------------------------- describe
+def describe(seed: int = 0) -> dict:
+    """The world2 base model's numbers from its configuration (randomly initialised; nothing is trained) and its
+    subjects' levels and measured complexity."""
+    from torch import nn
+
+    from lora2.lora.config import DEFAULT_TARGETS, LoRA2Config
+    from lora2.world.pretrain import SCALES, component_sizes, initial_pipeline
+    from lora2.world.subjects import png_bits_per_pixel
+    from lora2.world.world2 import PNG_ROTATIONS, SUBJECTS
+
+    scale = SCALES["world2"]
+    pipe = initial_pipeline(scale, seed)
+    sizes = component_sizes(pipe, scale.image_size)
+    targets = LoRA2Config()
+    shapes = Counter(
+        f"{module.in_features}->{module.out_features}"
+        for name, module in pipe.unet.named_modules()
+        if isinstance(module, nn.Linear) and targets.is_target(name)
+    )
+    unet = pipe.unet.config
+    subjects = [
+        {"name": subject.name, "class": subject.class_name, "level": subject.level, "parts": len(subject.layers),
+         "png_bits_per_pixel": round(png_bits_per_pixel(subject, rotations=PNG_ROTATIONS), 4),
+         "description": subject.description}
+        for subject in SUBJECTS
+    ]  # fmt: skip
+    return {
+        **sizes,
+        "fp16_mb": sizes["fp16_bytes"] / 1e6,
+        "unet_block_out_channels": list(unet.block_out_channels),
+        "unet_transformer_layers_per_block": list(unet.transformer_layers_per_block),
+        "unet_layers_per_block": unet.layers_per_block,
+        "target_modules": list(DEFAULT_TARGETS),
+        "adapted_layers": sum(shapes.values()),
+        "adapted_layer_shapes": dict(sorted(shapes.items())),
+        "subjects": subjects,
+        "command": "python benchmarks/world2_gate.py describe --json benchmarks/results/world2_config.json",
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gate = sub.add_parser("run", help="sweep, confirm and decide the gate")
+    gate.add_argument("--out", required=True, help="output folder (bench/, subjects/, world2_gate*.json)")
+    gate.add_argument("--world", help="folder with the world2 base/, clip/, dino/ (benchmarks/gpu_world2.sh)")
+    gate.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny random world")
+    gate.add_argument("--data-root", help="subject folders (default: the world2 subjects, written into OUT)")
+    gate.add_argument("--subjects", nargs="+", help="subject names (default: all under the data root)")
+    gate.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
+    gate.add_argument("--learning-rates", nargs="+", default=list(LEARNING_RATES))
+    gate.add_argument("--steps", type=int, default=300, help="training steps of every cell")
+    gate.add_argument("--parallel", type=int, default=1, help="concurrent jobs (per GPU, or on the CPU)")
+    gate.add_argument("--time-limit", type=float, help="seconds for the whole command; the next call resumes")
+    gate.add_argument("--train-arg", action="append", default=list(TRAIN_ARGS), help="KEY=VALUE for every train")
+    gate.add_argument("--eval-arg", action="append", default=list(EVAL_ARGS), help="KEY=VALUE for every eval")
+    info = sub.add_parser("describe", help="the world2 base model's numbers from its configuration")
+    info.add_argument("--json", help="also write them to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = _parser().parse_args(argv)
+    if args.command == "describe":
+        numbers = describe()
+        text = json.dumps(numbers, indent=1) + "\n"
+        if args.json:
+            Path(args.json).write_text(text)
+        sys.stdout.write(text)
+        return 0
+    if args.tiny:
+        args.ranks, args.learning_rates = list(TINY["ranks"]), list(TINY["learning_rates"])
+        args.subjects, args.steps = list(TINY["subjects"]), TINY["steps"]
+        args.train_arg, args.eval_arg = list(TINY["train_args"]), list(TINY["eval_args"])
+        args.parallel = max(args.parallel, 2)
+    elif not args.world:
+        raise SystemExit("run: give --world DIR (base/, clip/, dino/) or --tiny")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

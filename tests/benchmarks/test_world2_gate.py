@@ -1,0 +1,142 @@
+"""benchmarks/world2_gate.py: the plan, the best learning rate, the gate statistics on synthetic numbers, and the
+whole chain through `lora2 bench` with stand-in train and eval jobs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lora2.eval.bench import bench, resolve_methods
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKE = [sys.executable, str(ROOT / "tests" / "eval" / "fake_jobs.py")]
+
+
+@pytest.fixture(scope="module")
+def gate():
+    spec = importlib.util.spec_from_file_location("world2_gate", ROOT / "benchmarks" / "world2_gate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _synthetic(gap_per_complexity: float, noise: float, seed: int = 0):
+    """10 subjects of complexity 1..10 × seeds 1, 2: low-rank DINO, high-rank DINO = low + gap + noise."""
+    rng = np.random.default_rng(seed)
+    complexity = {f"s{i}": float(i) for i in range(1, 11)}
+    low, high = {}, {}
+    for subject, c in complexity.items():
+        for s in (1, 2):
+            low[(subject, s)] = 0.6 - 0.01 * c + rng.normal(0, 0.02)
+            high[(subject, s)] = low[(subject, s)] + gap_per_complexity * c + rng.normal(0, noise)
+    return low, high, complexity
+
+
+def test_paired_difference_by_hand(gate):
+    low = {("a", 1): 0.5, ("a", 2): 0.4, ("b", 1): 0.6, ("b", 2): 0.5, ("c", 1): 0.9}  # ("c", 1) has no pair
+    high = {("a", 1): 0.6, ("a", 2): 0.6, ("b", 1): 0.6, ("b", 2): 0.8}
+    stats = gate.paired_difference(low, high)
+    diffs = [0.1, 0.2, 0.0, 0.3]
+    assert stats["n_pairs"] == 4
+    assert stats["paired_diff"] == pytest.approx(0.15)
+    assert stats["paired_se"] == pytest.approx(np.std(diffs, ddof=1) / 2)
+    assert stats["dino_low"] == pytest.approx(0.5) and stats["dino_high"] == pytest.approx(0.65)
+    assert gate.subject_gaps(low, high) == pytest.approx({"a": 0.15, "b": 0.15})
+    with pytest.raises(ValueError, match="at least 2 common"):
+        gate.paired_difference({("a", 1): 0.5}, {("a", 1): 0.6})
+
+
+def test_a_discriminating_world_passes_the_gate(gate):
+    low, high, complexity = _synthetic(gap_per_complexity=0.01, noise=0.005)
+    result = gate.gate_result(low, high, complexity, 4, 64)
+    assert list(result) == list(gate.GATE_KEYS) and result["n_pairs"] == 20
+    assert result["paired_diff"] > 3 * result["paired_se"]
+    assert result["spearman_gap_vs_complexity"] > 0.8
+    assert gate.discriminates(result)
+
+
+def test_a_world_where_rank_does_not_matter_fails_the_gate(gate):
+    low, high, complexity = _synthetic(gap_per_complexity=0.0, noise=0.01)
+    result = gate.gate_result(low, high, complexity, 4, 64)
+    assert abs(result["paired_diff"]) < 3 * result["paired_se"]
+    assert not gate.discriminates(result)
+    # a large gap that shrinks with complexity fails too: the gap must grow with it
+    shrinking = {s: -c for s, c in complexity.items()}
+    low, high, _ = _synthetic(gap_per_complexity=0.01, noise=0.0)
+    result = gate.gate_result(low, high, shrinking, 4, 64)
+    assert result["paired_diff"] > 3 * result["paired_se"] and result["spearman_gap_vs_complexity"] < 0
+    assert not gate.discriminates(result)
+
+
+def test_the_plan_and_the_best_learning_rate(gate):
+    sweep = gate.sweep_methods(gate.RANKS, gate.LEARNING_RATES)
+    assert len(sweep) == 7 * 3 and "fixed-2-lr3e-4" in sweep and "fixed-128-lr3e-3" in sweep
+    methods = {m.name: m for m in resolve_methods(sweep)}  # every name is a method the bench runs
+    assert methods["fixed-2-lr3e-4"].train_args == {"rank_mode": "fixed", "init_rank": 2, "max_rank": 512,
+                                                      "learning_rate": 3e-4}  # fmt: skip
+    with pytest.raises(ValueError, match="must not repeat"):
+        gate.sweep_methods((4, 4), ("1e-3",))
+
+    subjects = ["a", "b"]
+    dino = {("a", "3e-4"): 0.5, ("b", "3e-4"): 0.5, ("a", "1e-3"): 0.7, ("b", "1e-3"): 0.4,  # 1e-3: mean 0.55
+            ("a", "3e-3"): 0.6, ("b", "3e-3"): 0.5}  # fmt: skip  # 3e-3: mean 0.55, a tie: the smaller rate wins
+    scores = {(s, f"fixed-4-lr{lr}", 0): v for (s, lr), v in dino.items()}
+    rates = ("3e-4", "1e-3", "3e-3")
+    scores |= {(s, f"fixed-64-lr{lr}", 0): 0.6 if lr == "3e-4" else 0.5 for s in subjects for lr in rates}
+    scores[("a", "fixed-4-lr1e-3", 1)] = 0.0  # another seed: not part of the choice
+    best = gate.best_learning_rates(scores, (4, 64), rates, subjects)
+    assert best == {4: "1e-3", 64: "3e-4"}
+    assert gate.confirm_methods(best) == ["fixed-4-lr1e-3", "fixed-64-lr3e-4"]
+    del scores[("b", "fixed-64-lr3e-3", 0)]
+    with pytest.raises(ValueError, match="lacks 1 cells"):
+        gate.best_learning_rates(scores, (4, 64), rates, subjects)
+
+
+def test_the_chain_through_the_bench_with_stand_in_jobs(gate, tmp_path, monkeypatch):
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    world = tmp_path / "world"
+    for name in ("base", "clip", "dino"):
+        (world / name).mkdir(parents=True)
+    (world / "base" / "model_index.json").write_text("{}")
+    fake = {"train_command": [*FAKE, "train"], "eval_command": [*FAKE, "eval"], "gpus": [], "poll_seconds": 0.05}
+    monkeypatch.setattr(gate, "bench", lambda config: bench(replace(config, **fake)))
+    subjects = ["rust_triangle", "bead_circle", "mosaic_star"]
+    argv = ["run", "--world", str(world), "--out", str(tmp_path / "gate"), "--ranks", "4", "8", "64",
+            "--subjects", *subjects, "--steps", "2", "--parallel", "2"]  # fmt: skip
+    args = gate._parser().parse_args(argv)
+    args.train_arg, args.eval_arg = [], []  # the stand-ins know no other options
+    assert gate.run(args) == 0
+
+    trains = [json.loads(line) for line in calls.read_text().splitlines() if line.startswith('["train"')]
+    assert len(trains) == 3 * 3 * 3 + 3 * 2 * 3  # sweep: ranks × rates × subjects; confirmation: ranks × 2 seeds
+    result = json.loads((tmp_path / "gate" / "world2_gate.json").read_text())
+    assert list(result) == list(gate.GATE_KEYS)
+    # the stand-in eval: 0.5 + 0.001 · rank · len(name) / 10 at the best rate 1e-3
+    gaps = {s: 0.001 * (64 - 4) * len(s) / 10 for s in subjects}
+    assert result["low_rank"] == 4 and result["high_rank"] == 64 and result["n_pairs"] == 6
+    assert result["paired_diff"] == pytest.approx(sum(gaps.values()) / 3)
+    details = json.loads((tmp_path / "gate" / "world2_gate_cells.json").read_text())
+    assert details["best_learning_rate"] == {"4": "1e-3", "8": "1e-3", "64": "1e-3"}
+    assert details["subject_gap"] == pytest.approx(gaps)
+    complexity = details["complexity_png_bits_per_pixel"]
+    expected_rho = gate.spearman([complexity[s] for s in subjects], [gaps[s] for s in subjects])
+    assert result["spearman_gap_vs_complexity"] == pytest.approx(expected_rho)
+    assert math.isfinite(result["paired_se"])
+    assert gate.run(args) == 0  # a second call finds every cell done and trains nothing
+    assert len([line for line in calls.read_text().splitlines() if line.startswith('["train"')]) == len(trains)
+
+
+def test_no_bench_starts_with_less_than_half_a_minute_left(gate, monkeypatch):
+    import time
+
+    monkeypatch.setattr(gate, "bench", lambda config: pytest.fail("a bench started without time left"))
+    assert gate._bench(None, {}, None, ["a"], ["fixed-4-lr1e-3"], (0,), deadline=time.time() + 5) == {}

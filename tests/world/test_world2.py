@@ -1,0 +1,120 @@
+"""The second world (issue 19): its base model's size and adapted layers from the configuration (nothing trained),
+its graded subjects, and the first world left as it was."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lora2.lora.config import LoRA2Config
+from lora2.world import world2
+from lora2.world.pretrain import FULL_UNET, SCALES, component_sizes, initial_pipeline
+from lora2.world.subjects import SUBJECTS, glyph_bitmap, render_subject
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_FILE = ROOT / "benchmarks" / "results" / "world2_config.json"
+
+
+@pytest.fixture(scope="module")
+def base():
+    scale = SCALES["world2"]
+    pipe = initial_pipeline(scale)
+    return pipe, component_sizes(pipe, scale.image_size)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> Path:
+    return world2.write_world2_subjects(tmp_path_factory.mktemp("world2") / "subjects", size=64)
+
+
+def _adapted(unet: nn.Module) -> dict[str, tuple[int, int]]:
+    targets = LoRA2Config()  # lora2's default target modules
+    return {
+        name: (m.in_features, m.out_features)
+        for name, m in unet.named_modules()
+        if isinstance(m, nn.Linear) and targets.is_target(name)
+    }
+
+
+def test_world2_base_is_under_20_mb_in_fp16_at_128_px(base):
+    pipe, sizes = base
+    assert sizes["fp16_bytes"] <= 20e6  # the committed-asset budget of issue 19
+    assert sizes["image_size"] == 128 and sizes["latent_shape"] == [4, 32, 32]
+    assert pipe.unet.config.sample_size == 32 and pipe.vae.config.sample_size == 128
+
+
+def test_world2_unet_has_hundreds_of_adapted_layers_of_several_widths(base):
+    pipe, _ = base
+    unet = pipe.unet
+    assert len(unet.config.block_out_channels) == 3
+    assert all(depth > 1 for depth in unet.config.transformer_layers_per_block[1:])  # the attention levels
+    layers = _adapted(unet)
+    assert len(layers) >= 200
+    assert len(set(layers.values())) >= 4  # self- and cross-attention at two widths
+    first_world = SCALES["full"].unet_config
+    assert first_world == FULL_UNET and first_world["transformer_layers_per_block"] == (1, 1, 1)
+
+
+def test_committed_world2_numbers_are_what_the_code_gives(base, written):
+    """benchmarks/results/world2_config.json (docs/WORLD.md's numbers) is what the configuration and subjects give."""
+    pipe, sizes = base
+    recorded = json.loads(CONFIG_FILE.read_text())
+    assert recorded["parameters"] == sizes["parameters"]
+    assert recorded["fp16_bytes"] == sizes["fp16_bytes"]
+    assert recorded["adapted_layers"] == len(_adapted(pipe.unet))
+    meta = json.loads((written / "subjects.json").read_text())
+    measured = {entry["name"]: (entry["level"], entry["png_bits_per_pixel"]) for entry in meta["subjects"]}
+    assert {s["name"]: (s["level"], s["png_bits_per_pixel"]) for s in recorded["subjects"]} == measured
+
+
+def test_world2_subjects_are_graded_by_level_and_measured_complexity(written):
+    meta = json.loads((written / "subjects.json").read_text())
+    assert meta["version"] == world2.DATASET_VERSION
+    by_level: dict[int, list[float]] = {}
+    for entry in meta["subjects"]:
+        by_level.setdefault(entry["level"], []).append(entry["png_bits_per_pixel"])
+    assert sorted(by_level) == [1, 2, 3, 4, 5]
+    means = [statistics.fmean(by_level[level]) for level in sorted(by_level)]
+    assert means == sorted(means) and len(set(means)) == 5  # strictly growing with the level
+    for level in (1, 2, 3, 4):
+        assert max(by_level[level]) < min(by_level[level + 1])
+    table = (written / "prompts_and_classes.txt").read_text()
+    assert all(f"{s.name},{s.class_name}" in table for s in world2.SUBJECTS)
+    assert all(len(list((written / s.name).glob("*.jpg"))) >= 4 for s in world2.SUBJECTS)
+
+
+def test_world2_subjects_render_deterministically():
+    for subject in world2.SUBJECTS:
+        a = np.asarray(render_subject(subject, 48, rotation=12.0))
+        b = np.asarray(render_subject(subject, 48, rotation=12.0))
+        np.testing.assert_array_equal(a, b)
+
+
+def test_glyph_strings_are_fixed_bitmaps_and_distinct():
+    bitmap = glyph_bitmap("K7Q")
+    assert bitmap.shape == (7, 13)
+    torch.testing.assert_close(bitmap, glyph_bitmap("K7Q"))
+    assert set(bitmap.unique().tolist()) <= {0.0, 1.0}
+    assert bitmap[0].sum() == 0 and bitmap[-1].sum() == 0 and bitmap[:, 0].sum() == 0  # blank margin
+    glyphs = {tuple(glyph_bitmap(c)[1:6, 1:4].flatten().tolist()) for c in "K7Q2XPLUM8"}
+    assert len(glyphs) == 10
+
+
+def test_a_glyph_layer_without_text_is_one_clear_error():
+    from dataclasses import replace
+
+    plaque = next(s for s in world2.SUBJECTS if s.name == "glyph_plaque")
+    broken = replace(plaque, layers=(replace(plaque.layers[1], text=""),))
+    with pytest.raises(ValueError, match="glyphs pattern needs a layer text"):
+        render_subject(broken, 32)
+
+
+def test_first_world_subjects_carry_no_level():
+    assert all(s.level == 0 for s in SUBJECTS)
+    assert {s.name for s in SUBJECTS}.isdisjoint(s.name for s in world2.SUBJECTS)
