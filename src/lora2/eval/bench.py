@@ -119,7 +119,8 @@ def method_registry() -> dict[str, Method]:
         Method("lora2", "LoRA² (learned ranks, rank regularisation and entropy term)", lora2),
         Method("lora2-noreg", "LoRA² without rank regularisation (λ_r = 0)", {**lora2, "rank_reg_weight": 0.0}),
         Method("lora2-noentropy", "LoRA² without the entropy term (λ_e = 0)", {**lora2, "entropy_weight": 0.0}),
-        Method("lora2-first", "LoRA² with Λ normalised by its first entry", {**lora2, "lambda_scaling": "first"}),
+        # "first" is the default Λ scaling, so the Λ-scaling ablation is lora2 / lora2-sum / lora2-none
+        Method("lora2-none", "LoRA² with the paper's unnormalised Λ", {**lora2, "lambda_scaling": "none"}),
         Method("lora2-sum", "LoRA² with Λ normalised by its sum (AWNN)", {**lora2, "lambda_scaling": "sum"}),
         Method(
             "svd-512-to-lora2",
