@@ -48,6 +48,7 @@ class EntropyCollector:
         self.token_positions = list(token_positions)
         self.rows: torch.Tensor | None = None
         self.values: list[torch.Tensor] = []
+        self.index: slice | list[int] | None = None  # the rows as ``_row_index`` gives them, set by ``start``
         self._onehots: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -56,19 +57,12 @@ class EntropyCollector:
 
     def start(self, rows: torch.Tensor) -> None:
         self.rows = rows
+        self.index = _row_index(rows)
         self.values = []
 
     def stop(self) -> None:
         self.rows = None
         self.values = []
-
-    def row_index(self) -> slice | list[int] | None:
-        """The instance rows as a slice when they are contiguous (no index tensor: CUDA-graph capture copies nothing
-        from the host), else a list; None when there are none."""
-        rows = torch.nonzero(self.rows).flatten().tolist()
-        if not rows:
-            return None
-        return slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
 
     def onehot(self, tokens: int, device: torch.device) -> torch.Tensor:
         """E (T, k): one-hot columns on the identifier tokens, made once per sequence length and device."""
@@ -84,6 +78,15 @@ class EntropyCollector:
         if not self.values:
             raise ValueError("no cross-attention layer recorded an entropy: are the entropy processors installed?")
         return torch.stack(self.values).mean()
+
+
+def _row_index(rows: torch.Tensor) -> slice | list[int] | None:
+    """The True rows as a slice when they are contiguous (no index tensor: CUDA-graph capture copies nothing from the
+    host), else a list; None when there are none."""
+    found = torch.nonzero(rows).flatten().tolist()
+    if not found:
+        return None
+    return slice(found[0], found[-1] + 1) if found == list(range(found[0], found[-1] + 1)) else found
 
 
 def identifier_maps(
@@ -164,7 +167,7 @@ class EntropyAttnProcessor(AttnProcessor2_0):
         return hidden_states / attn.rescale_output_factor
 
     def _record(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
-        rows = self.collector.row_index()
+        rows = self.collector.index
         if rows is None:
             return
         mask = mask[rows] if mask is not None else None

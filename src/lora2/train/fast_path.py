@@ -160,17 +160,16 @@ class UNetRunner:
         """The prediction (B, C, h, w) and the entropy term (0-d, None without it) of one micro-batch; ``rows``
         (B,) bool: the batch rows whose prompt holds the identifier."""
         added = added or {}
-        call = UNetCall(self.unet, tuple(added), self.collector, rows)
         inputs = (sample, timesteps, embeds, *added.values())
         if self.graphs:
             try:
-                outputs = self._replay(call, inputs, rows)
+                outputs = self._replay(tuple(added), inputs, rows)
             except (RuntimeError, AssertionError) as error:  # a kernel or an op that cannot be captured
                 self.disable(f"capturing the UNet failed ({type(error).__name__}: {str(error).splitlines()[0]})")
             else:
                 return outputs if self.collector is not None else (outputs, None)
         with self.eager_autocast:
-            outputs = call(*inputs)
+            outputs = UNetCall(self.unet, tuple(added), self.collector, rows)(*inputs)
         return outputs if self.collector is not None else (outputs, None)
 
     def after_backward(self) -> None:
@@ -194,9 +193,10 @@ class UNetRunner:
         shapes = tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in inputs)
         return storage, shapes, tuple(rows.tolist()) if self.collector is not None else ()
 
-    def _replay(self, call: UNetCall, inputs: tuple[torch.Tensor, ...], rows: torch.Tensor):
+    def _replay(self, added_keys: tuple[str, ...], inputs: tuple[torch.Tensor, ...], rows: torch.Tensor):
         key = self._key(inputs, rows)
         if self.graph is None or self.graph.key != key:
+            call = UNetCall(self.unet, added_keys, self.collector, rows)  # a fresh module: it is graphed in place
             self._capture(call, inputs, rows, self._reason(key))
         with self.graph_autocast:
             return self.graph.function(*inputs)
