@@ -926,6 +926,33 @@ def merge_files(paths: list[Path], labels: list[str] | None = None, vs_from: lis
     return merged
 
 
+def wall_from_row(results: dict, row_name: str) -> dict:
+    """``vs_script.wall_<steps>`` (and ``fast_wall_<steps>``) from a whole-run row of the adaptive defaults (e.g.
+    ``run --rows sdxl-adaptive --steps 500 --name-suffix=-500``) and the script's whole runs of as many steps in other
+    calls, for when one call cannot hold both: divided by the script's fastest run
+    (conservative), ``same_call`` False, the other runs' ratios listed."""
+    row = next((r for r in results["rows"] if r["name"] == row_name and r["status"] == "ok"), None)
+    if row is None:
+        raise ValueError(f"--wall-row {row_name!r}: no ok row of that name in the merged results")
+    steps = max(row["steps_per_process"])
+    scripts = [r for r in results["vs_script"].get("runs", []) if r["config"] == script_config(())
+               and r["role"] == "wall" and r["steps"] == steps and r["status"] == "ok"]  # fmt: skip
+    if not scripts:
+        raise ValueError(f"--wall-row {row_name!r}: no ok whole run of the script at {steps} steps")
+    script = min(scripts, key=lambda r: r["wall_s"])
+    entry = {"time_ratio": _ratio(row["wall_s"], script["wall_s"]), "steps": steps, "lora2_config": "adaptive",
+             "lora2_wall_s": row["wall_s"], "script_wall_s": script["wall_s"], "lora2_s_per_step": row["s_per_step"],
+             "script_s_per_step": script["s_per_step"],
+             "mem_ratio": _ratio(row.get("peak_process_gib"), script.get("peak_process_gib")),
+             "lora2_peak_process_gib": row.get("peak_process_gib"),
+             "script_peak_process_gib": script.get("peak_process_gib"), "same_call": False,
+             "lora2_from": f"rows: {row_name}",
+             "script_runs": {r["call"]: r["wall_s"] for r in scripts},
+             "time_ratios_to_other_script_runs": [_ratio(row["wall_s"], r["wall_s"]) for r in scripts
+                                                  if r is not script]}  # fmt: skip
+    return {f"wall_{steps}": entry, f"fast_wall_{steps}": {**entry, "same_runs_as": f"wall_{steps}"}}
+
+
 def _stamped(record: dict, label: str | None, seen: dict[str, str]) -> dict:
     """The record with ``code`` = the label of the first file holding this very record."""
     if label is None or "code" in record:
@@ -1294,6 +1321,9 @@ TARGETS = {
     "fixed64_ckpt": "time ≤ 0.95×, memory ≤ 1.0×",
     "adaptive": "time ≤ 1.0×, memory ≤ fixed64's",
     "adaptive_ckpt": "time ≤ 1.0×, memory ≤ fixed64_ckpt's",
+    "fast": "time ≤ 0.5× (stretch ≤ 0.35×)",
+    "wall_500": "≤ 1.0×",
+    "fast_wall_500": "≤ 0.6×",
 }
 
 
@@ -1328,7 +1358,7 @@ def vs_table(vs: dict) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, entry in vs.items():
-        if not isinstance(entry, dict) or "mem_ratio" not in entry:
+        if not isinstance(entry, dict) or "mem_ratio" not in entry or "lora2_wall_s" in entry:
             continue
         lines.append(
             f"| {name} | {_cell(entry['time_ratio'])} | {_cell(entry['lora2_s_per_step'], 3)} "
@@ -1340,7 +1370,10 @@ def vs_table(vs: dict) -> list[str]:
         if isinstance(entry, dict) and "lora2_wall_s" in entry:
             lines.append(
                 f"| {name} ({entry['lora2_config']}, whole run) | {_cell(entry['time_ratio'])} "
-                f"| {_cell(entry['lora2_wall_s'], 0)} s | {_cell(entry['script_wall_s'], 0)} s | | | | ≤ 1.0× |"
+                f"| {_cell(entry['lora2_wall_s'], 0)} s | {_cell(entry['script_wall_s'], 0)} s "
+                f"| {_cell(entry.get('mem_ratio'))} | {_cell(entry.get('lora2_peak_process_gib'), 1)} "
+                f"| {_cell(entry.get('script_peak_process_gib'), 1)} "
+                f"| {TARGETS.get(name, '')} |"
             )
     return lines
 
@@ -1439,6 +1472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--labels", nargs="+", default=None, help="one per input: the code version that measured it")
     p.add_argument("--vs-from", nargs="+", default=None, help="labels whose vs-script runs give the ratios")
+    p.add_argument("--wall-row", default=None, help="a whole-run row giving wall_<steps> against the script's runs")
     return parser
 
 
@@ -1480,7 +1514,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.labels is not None and len(args.labels) != len(args.inputs):
                 raise ValueError(f"--labels needs one label per input ({len(args.inputs)}), got {len(args.labels)}")
-            save_results(args.out, merge_files(args.inputs, args.labels, args.vs_from))
+            merged = merge_files(args.inputs, args.labels, args.vs_from)
+            if args.wall_row:
+                merged["vs_script"].update(wall_from_row(merged, args.wall_row))
+            save_results(args.out, merged)
     except ValueError as error:
         print(f"ERROR {error}", file=sys.stderr)
         return 2

@@ -280,6 +280,21 @@ def test_merge_files_of_calls_that_grew_one_file(fs, tmp_path):
     assert [call["id"] for call in merged["calls"]] == ["c1", "c2"]
 
 
+def test_wall_from_a_row_divides_by_the_fastest_script_run_of_as_many_steps(fs):
+    script = {"config": "script", "role": "wall", "status": "ok", "s_per_step": 0.6, "peak_process_gib": 15.0}
+    results = {"rows": [{"name": "sdxl-adaptive-500", "status": "ok", "steps_per_process": [500], "wall_s": 180.0,
+                         "s_per_step": 0.2, "peak_process_gib": 16.5}],
+               "vs_script": {"runs": [{**script, "call": "a", "steps": 500, "wall_s": 360.0},
+                                      {**script, "call": "b", "steps": 500, "wall_s": 300.0},
+                                      {**script, "call": "c", "steps": 20, "wall_s": 40.0}]}}  # fmt: skip
+    entry = fs.wall_from_row(results, "sdxl-adaptive-500")
+    assert entry["wall_500"]["time_ratio"] == 0.6 and entry["wall_500"]["mem_ratio"] == 1.1
+    assert entry["wall_500"]["same_call"] is False and entry["wall_500"]["time_ratios_to_other_script_runs"] == [0.5]
+    assert entry["fast_wall_500"]["same_runs_as"] == "wall_500"
+    with pytest.raises(ValueError, match="sdxl-adaptive-400"):
+        fs.wall_from_row(results, "sdxl-adaptive-400")
+
+
 # ---------------------------------------------------------------------------------------------- vs the script
 def test_vs_plan_interleaves_rounds_and_puts_whole_runs_last(fs):
     plan = fs.vs_plan(fs.LORA2_CONFIGS, repeats=2, steps=30, wall_steps=500, wall={"adaptive": ()})

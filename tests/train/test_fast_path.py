@@ -183,6 +183,8 @@ def test_auto_runs_eager_with_options_not_verified_on_a_gpu(tiny_base, instance_
     assert unverified(config.replace(mixed_precision="bf16", gradient_accumulation_steps=1), world_size=2) == [
         "2 processes"
     ]
+    verified = config.replace(mixed_precision="bf16", gradient_accumulation_steps=1, train_text_encoder=True)
+    assert unverified(verified.replace(with_prior_preservation=True, class_name="dog"), world_size=1) == []
     monkeypatch.setattr(recipe, "resolve_mode", lambda mode, device: "graphs")
     capture = FakeCapture()
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)

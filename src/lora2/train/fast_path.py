@@ -65,12 +65,10 @@ def unverified(config: TrainConfig, world_size: int) -> list[str]:
     """The options of a run that the fast path has not been verified with on a GPU (docs/PERFORMANCE.md, "The fast
     path"): ``--compile auto`` runs those eagerly, ``--compile graphs`` tries them (and falls back if capture fails).
     Verified: LoRA² adaptive and fixed rank, bf16, one process, batch of one size, gradient checkpointing, the
-    entropy term, SDXL / KOALA-700m / SD 1.5."""
+    entropy term, prior preservation, text-encoder LoRA, SDXL / KOALA-700m / SD 1.5."""
     found = {
         f"adapter_type {config.adapter_type}": config.adapter_type != "lora2",
         f"mixed_precision {config.mixed_precision}": config.mixed_precision != "bf16",
-        "with_prior_preservation": config.with_prior_preservation,
-        "train_text_encoder": config.train_text_encoder,
         f"gradient_accumulation_steps {config.gradient_accumulation_steps}": config.gradient_accumulation_steps > 1,
         f"{world_size} processes": world_size > 1,
     }
