@@ -1,10 +1,10 @@
 """Stand-ins for `lora2 train`, `lora2 eval` and `lora2 resize` used by the bench tests (fast, no models).
 
-train: writes train_config.yaml and a LoRA file (fixed: init_rank everywhere; adaptive: ranks varying by layer and
-seed); exits 1 when --init-rank equals $FAKE_CRASH_RANK. eval scores 0.5 + 0.001 · mean rank; a run trained with
---learning-rate scores 0.5 + 0.001 · mean rank · len(subject folder name) / 10 − 0.01 · |log10(lr) + 3| instead
-(the best learning rate is 1e-3; the gap between ranks differs by subject). Every invocation appends a line to
-$FAKE_CALLS.
+train: writes train_config.yaml and a LoRA file (fixed: init_rank everywhere, or as --rank-pattern says; adaptive:
+ranks varying by layer and seed); exits 1 when --init-rank equals $FAKE_CRASH_RANK. eval scores 0.5 + 0.001 · mean
+rank; a run trained with --learning-rate scores 0.5 + 0.001 · mean rank · len(subject folder name) / 10
+− 0.01 · |log10(lr) + 3| instead (the best learning rate is 1e-3; the gap between ranks differs by subject). Every
+invocation appends a line to $FAKE_CALLS.
 With $FAKE_SPANS, train appends ["begin" | "end", pid, time] lines there; it first sleeps $FAKE_TRAIN_SECONDS, and
 on SIGTERM takes $FAKE_TERM_SECONDS (a checkpoint being written) before it exits with 143.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -66,7 +67,8 @@ def main(argv: list[str]) -> int:
     if stage == "train":
         for flag in ("--instance-data-dir", "--output-dir", "--seed", "--base", "--max-train-steps", "--device",
                      "--rank-mode", "--init-rank", "--max-rank", "--entropy-weight", "--rank-reg-weight", "--resume",
-                     "--resolution", "--adapter-type", "--target-rank", "--learning-rate"):  # fmt: skip
+                     "--resolution", "--adapter-type", "--target-rank", "--learning-rate", "--rank-pattern",
+                     "--weight-reg-weight", "--quantile", "--nu-lr"):  # fmt: skip
             parser.add_argument(flag)
         parser.add_argument("--overwrite", action="store_true")
         args = parser.parse_args(argv)
@@ -84,7 +86,9 @@ def main(argv: list[str]) -> int:
         (run / "train_config.yaml").write_text(yaml.safe_dump(config))
         seed = int(args.seed)
         if args.rank_mode == "fixed":
-            ranks = dict.fromkeys(MODULES, int(args.init_rank))
+            pattern = json.loads(args.rank_pattern or "{}")
+            ranks = {m: next((r for p, r in pattern.items() if re.search(rf"(^|\.){p}$", m)), int(args.init_rank))
+                     for m in MODULES}  # fmt: skip
         else:
             ranks = {m: 1 + (3 * i + seed) % 7 for i, m in enumerate(MODULES)}
         _write(run / "pytorch_lora_weights.safetensors", ranks)

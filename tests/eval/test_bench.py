@@ -118,6 +118,45 @@ def test_svd_cell_fails_when_a_dependency_fails(tmp_path, dreambooth_root, monke
     assert "exit code 1" in json.loads((out / "cells/toy1/fixed-512/seed0/status.json").read_text())["error"]
 
 
+def test_parametric_method_names():
+    name = "lora2-rt16-lr3e-4-le1e-3-init4-q0.95"
+    variant, svd, iso = resolve_methods([name, f"svd-fixed-128-uniform-{name}", f"iso-lr1e-3-{name}", "fixed-128"])[:3]
+    assert variant.train_args == {"rank_mode": "adaptive", "entropy_weight": 1e-3, "target_rank": 16.0,
+                                  "learning_rate": 3e-4, "init_rank": 4, "quantile": 0.95}  # fmt: skip
+    assert svd.kind == "resize" and svd.train_args == {"allocation": "uniform"}
+    assert svd.depends_on == ("fixed-128", variant.name)
+    assert iso.kind == "iso" and iso.depends_on == (variant.name,) and iso.train_args["learning_rate"] == 1e-3
+    with pytest.raises(ValueError, match="needs \\['lora2-rt8'\\]"):
+        resolve_methods(["iso-lora2-rt8"])
+    sum_, dora, adalora = resolve_methods(["lora2-rt8-scalesum", "dora-16-lr1e-3", "adalora-32-16"])
+    assert sum_.train_args["lambda_scaling"] == "sum" and sum_.train_args["target_rank"] == 8.0
+    assert dora.train_args == {"adapter_type": "dora", "init_rank": 16, "learning_rate": 1e-3}
+    assert adalora.train_args == {"adapter_type": "adalora", "init_rank": 32, "target_rank": 16}
+    for bad in ("lora2-xx3", "lora2-scalemax", "adalora-32", "dora-16-8"):
+        with pytest.raises(ValueError, match="unknown method"):
+            resolve_methods([bad])
+
+
+def test_iso_cell_trains_uniform_lora_at_its_targets_size(tmp_path, dreambooth_root, monkeypatch):
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    out = tmp_path / "bench"
+    methods = ["lora2", "iso-lora2", "fixed-16", "svd-fixed-16-uniform-lora2"]
+    states = bench(_config(out, dreambooth_root, methods, seeds=[1], resize_command=list(RESIZE_COMMAND)))
+    assert states == {"done": 4}
+    summaries = {
+        m: adapter_summary(out / f"cells/toy1/{m}/seed1/run/pytorch_lora_weights.safetensors") for m in methods
+    }
+    learned = summaries["lora2"]
+    for method in ("iso-lora2", "svd-fixed-16-uniform-lora2"):
+        ranks = summaries[method]["ranks"]
+        assert max(ranks.values()) - min(ranks.values()) == 1 and ranks.keys() == learned["ranks"].keys()
+        # every fake layer costs 16 per unit of rank: the uniform allocation spends the learned one's total rank
+        assert summaries[method]["total_rank"] == learned["total_rank"]
+    trains = [c for c in _calls(calls) if c[0] == "train"]
+    assert "--rank-pattern" in trains[-1] and trains[-1][trains[-1].index("--rank-mode") + 1] == "fixed"
+
+
 def test_time_limit_interrupts_and_the_next_call_resumes(tmp_path, dreambooth_root, monkeypatch):
     calls = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_CALLS", str(calls))

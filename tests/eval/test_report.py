@@ -88,6 +88,8 @@ def test_report_writes_markdown_and_plots(bench_dir):
     assert "| lora2 | **0.700 ± 0.100** | **0.800 ± 0.100** | **0.500 ± 0.100** |" in text
     assert "| adalora | unsupported: lora2 train has no AdaLoRA option yet" in text
     assert "`a/fixed-512/seed0`: failed: exit code 1" in text
+    # 4 pairs, all below LoRA²: the sign-flip p is 2/16, Holm's over 3 metrics 3 · 0.125
+    assert "| fixed-8 | 4 | -0.150 (0.125, 0.375) | -0.150 (0.125, 0.375) | -0.150 (0.125, 0.375) |" in text
     for png in (
         "pareto.png",
         "rank_by_block.png",

@@ -58,3 +58,16 @@ def test_mismatched_modules(tmp_path):
     save_file({k: v for k, v in tensors.items() if "mid_block" not in k}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="adapt different modules"):
         svd_resize(source, tmp_path / "other.safetensors", tmp_path / "out.safetensors")
+
+
+def test_uniform_allocation_is_one_rank_at_the_parameter_count(tmp_path):
+    source = _write(tmp_path / "big.safetensors", dict.fromkeys(SHAPES, 8))
+    target_ranks = {"down_blocks.1.attn1.to_q": 2, "mid_block.attn2.to_k": 5, "up_blocks.0.attn1.to_out.0": 1}
+    target = _write(tmp_path / "small.safetensors", target_ranks, seed=1)
+    out = svd_resize(source, target, tmp_path / "out.safetensors", "uniform")
+    ranks = adapter_summary(out)["ranks"]
+    assert max(ranks.values()) - min(ranks.values()) <= 1
+    costs = {name: d_out + d_in for name, (d_out, d_in) in SHAPES.items()}
+    budget = sum(rank * costs[name] for name, rank in target_ranks.items())
+    spent = sum(ranks[name] * costs[name] for name in SHAPES)
+    assert budget - max(costs.values()) < spent <= budget

@@ -74,7 +74,13 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--subjects", nargs="+", required=True, help="subject folders or names under --data-root, or 'all'"
     )
-    parser.add_argument("--methods", nargs="+", required=True, help=f"method names or 'all': {methods}")
+    families = (
+        "fixed-<r>[-lr<rate>], lora2-<rt|lr|le|wp|rr|init|q|nulr><value>|scale<first|sum|none>…, dora-<r>[-lr<rate>], "
+        "adalora-<init>-<target>[-lr<rate>], svd-<method>-<to|ranks|uniform>-<method>, iso[-lr<rate>]-<method>"
+    )
+    parser.add_argument(
+        "--methods", nargs="+", required=True, help=f"method names or 'all': {methods}; families: {families}"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", required=True, help="bench folder (resumable)")
     parser.add_argument("--data-root", default=None, help="DreamBooth root for subject names (default: the world's)")

@@ -44,13 +44,28 @@ from tqdm.auto import tqdm
 from lora2.data import load_subject, load_subjects
 from lora2.eval.evaluate import adapter_summary, default_base, resolve_evaluators, world_info
 from lora2.lockfile import LockFile, die_with_parent
+from lora2.rank.budget import uniform_ranks
 from lora2.train.run_folder import CONFIG_FILE, MAIN_ADAPTER
 
 logger = logging.getLogger(__name__)
 
 FIXED_RANKS = (8, 16, 32, 64, 128, 256, 512)
 # fixed-rank LoRA of any power-of-two rank, optionally at its own learning rate: "fixed-4", "fixed-4-lr3e-4"
-FIXED_NAME = re.compile(r"fixed-(\d+)(?:-lr(\d+(?:\.\d+)?(?:e-?\d+)?))?")
+NUMBER = r"\d+(?:\.\d+)?(?:e-?\d+)?"
+FIXED_NAME = re.compile(rf"fixed-(\d+)(?:-lr({NUMBER}))?")
+# LoRA² with some options changed, each as a suffix: "lora2-rt16", "lora2-rt16-lr3e-4", "lora2-le1e-3-wp1e-4"
+LORA2_OPTIONS = {"rt": "target_rank", "lr": "learning_rate", "le": "entropy_weight", "wp": "weight_reg_weight",
+                 "rr": "rank_reg_weight", "init": "init_rank", "q": "quantile", "nulr": "nu_lr"}  # fmt: skip
+LORA2_OPTION = re.compile(rf"-(?:({'|'.join(LORA2_OPTIONS)})({NUMBER})|scale(first|sum|none))")  # Λ scaling by name
+LORA2_NAME = re.compile(rf"lora2((?:{LORA2_OPTION.pattern})+)")
+# the peft baselines at any size: "dora-16", "dora-16-lr1e-3", "adalora-32-16" (init rank → mean final rank)
+PEFT_NAME = re.compile(rf"(dora|adalora)-(\d+)(?:-(\d+))?(?:-lr({NUMBER}))?")
+# an SVD truncation of one method's adapter sized after another's: "svd-<source>-<allocation>-<target>"
+SVD_NAME = re.compile(r"svd-(.+?)-(to|ranks|uniform)-(.+)")
+SVD_ALLOCATIONS = {"to": "budget", "ranks": "layers", "uniform": "uniform"}
+ALLOCATIONS = ("budget", "layers", "uniform")
+# uniform LoRA trained at another method's parameter count: "iso-<target>", "iso-lr3e-4-<target>"
+ISO_NAME = re.compile(rf"iso(?:-lr({NUMBER}))?-(.+)")
 # λ_e of the "lora2" method: the value of both third-party reimplementations (docs/LORA2_METHOD.md); set here
 # explicitly because the trainer's default entropy_weight is 0, which would make lora2 == lora2-noentropy.
 LORA2_ENTROPY_WEIGHT = 1e-4
@@ -77,8 +92,9 @@ class Method:
 
     train_args: ``lora2 train`` options (TrainConfig field names) that define the method; for "resize" methods the
         options of ``svd_resize``.
-    kind: "train" (a training run), "resize" (SVD truncation of another cell's adapter), or "unsupported"
-        (recorded as such with ``reason``, never run; no built-in method is unsupported any more).
+    kind: "train" (a training run), "iso" (a training run whose ranks come from another cell's adapter,
+        ``iso_rank_options``), "resize" (SVD truncation of another cell's adapter), or "unsupported" (recorded as
+        such with ``reason``, never run; no built-in method is unsupported any more).
     depends_on: methods of the same subject and seed whose adapters this one needs.
     """
 
@@ -109,6 +125,62 @@ def fixed_rank_method(rank: int, learning_rate: str | None = None) -> Method:
         f"LoRA, rank {rank} in every layer, learning rate {learning_rate}",
         {**args, "learning_rate": float(learning_rate)},
     )
+
+
+def lora2_variant(name: str) -> Method | None:
+    """LoRA² with the options its name's suffixes set (``LORA2_OPTIONS``: "lora2-rt16-lr3e-4"), else None."""
+    match = LORA2_NAME.fullmatch(name)
+    if match is None:
+        return None
+    args: dict = {"rank_mode": "adaptive", "entropy_weight": LORA2_ENTROPY_WEIGHT}
+    for key, value, scaling in LORA2_OPTION.findall(match[1]):
+        if scaling:
+            args["lambda_scaling"] = scaling
+            continue
+        option = LORA2_OPTIONS[key]
+        args[option] = int(value) if option == "init_rank" else float(value)
+    settings = ", ".join(f"{key} {value}" for key, value in args.items() if key != "rank_mode")
+    return Method(name, f"LoRA² with {settings}", args)
+
+
+def peft_method(name: str) -> Method | None:
+    """ "dora-<r>[-lr<rate>]" (DoRA of rank r) or "adalora-<init>-<target>[-lr<rate>]" (AdaLoRA pruned from ``init`` to
+    a mean rank ``target``), else None."""
+    match = PEFT_NAME.fullmatch(name)
+    if match is None or (match[1] == "adalora") != (match[3] is not None):
+        return None
+    args: dict = {"adapter_type": match[1], "init_rank": int(match[2])}
+    if match[3] is not None:
+        args["target_rank"] = int(match[3])
+    if match[4] is not None:
+        args["learning_rate"] = float(match[4])
+    return Method(name, f"peft {match[1]} with {', '.join(f'{k} {v}' for k, v in args.items())}", args)
+
+
+def svd_method(name: str) -> Method | None:
+    """ "svd-<source>-<to|ranks|uniform>-<target>": ``source``'s adapter truncated by SVD to ``target``'s size (to:
+    its total rank where σ² is largest; ranks: its rank in every layer; uniform: one rank at its parameter count)."""
+    match = SVD_NAME.fullmatch(name)
+    if match is None:
+        return None
+    source, how, target = match[1], match[2], match[3]
+    description = {"to": "to {t}'s total rank, kept where σ² is largest", "ranks": "to {t}'s rank in every layer",
+                   "uniform": "to one rank in every layer at {t}'s parameter count"}[how]  # fmt: skip
+    return Method(name, f"{source} adapter truncated by SVD " + description.format(t=target),
+                  {"allocation": SVD_ALLOCATIONS[how]}, kind="resize", depends_on=(source, target))  # fmt: skip
+
+
+def iso_method(name: str) -> Method | None:
+    """ "iso-<target>" (or "iso-lr<rate>-<target>"): LoRA of one rank in every layer (⌊r*⌋ or ⌈r*⌉), trained, with the
+    parameter count of ``target``'s adapter of the same subject and seed."""
+    match = ISO_NAME.fullmatch(name)
+    if match is None:
+        return None
+    args: dict = {"rank_mode": "fixed"}
+    if match[1] is not None:
+        args["learning_rate"] = float(match[1])
+    return Method(name, f"LoRA, uniform rank at {match[2]}'s parameter count", args, kind="iso",
+                  depends_on=(match[2],))  # fmt: skip
 
 
 def method_registry() -> dict[str, Method]:
@@ -207,6 +279,19 @@ class BenchConfig:
 
 
 # ---------------------------------------------------------------------- validation (before any GPU time)
+def find_method(name: str, registry: dict[str, Method] | None = None) -> Method | None:
+    """The method of a name: a registry entry, or a name of the parametric families (fixed-rank, LoRA² variants, SVD
+    truncations, iso-size LoRA); None when it is neither."""
+    registry = method_registry() if registry is None else registry
+    if name in registry:
+        return registry[name]
+    match = FIXED_NAME.fullmatch(name)
+    if match:
+        rank = int(match[1])
+        return fixed_rank_method(rank, match[2]) if rank >= 1 and not rank & (rank - 1) else None
+    return lora2_variant(name) or peft_method(name) or svd_method(name) or iso_method(name)
+
+
 def resolve_methods(names: list[str]) -> list[Method]:
     """Registry entries for ``names`` ("all" = every method), and fixed-rank methods of any power-of-two rank and
     learning rate ("fixed-4", "fixed-2-lr3e-4"); dependencies must be in the grid too."""
@@ -214,12 +299,16 @@ def resolve_methods(names: list[str]) -> list[Method]:
     if names == ["all"]:
         return list(registry.values())
     for name in names:
-        match = FIXED_NAME.fullmatch(name)
-        if name not in registry and match and int(match[1]) >= 1 and not int(match[1]) & (int(match[1]) - 1):
-            registry[name] = fixed_rank_method(int(match[1]), match[2])
+        method = find_method(name, registry)
+        if method is not None:
+            registry[name] = method
     unknown = [n for n in names if n not in registry]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(registry)}, fixed-<power of two>[-lr<rate>]")
+        raise ValueError(
+            f"unknown method(s) {unknown}; known: {', '.join(registry)}, fixed-<power of two>[-lr<rate>], "
+            f"lora2-<{'|'.join(LORA2_OPTIONS)}><value>|scale<first|sum|none>…, dora-<r>[-lr<rate>], "
+            "adalora-<init>-<target>[-lr<rate>], svd-<method>-<to|ranks|uniform>-<method>, iso[-lr<rate>]-<method>"
+        )
     methods = [registry[n] for n in dict.fromkeys(names)]
     for method in methods:
         missing = [d for d in method.depends_on if d not in names]
@@ -378,7 +467,7 @@ class Bench:
         add_config_arguments(parser)
         steps = ["--max-train-steps", str(self.config.steps)] if self.config.steps else []
         for method in self.methods:
-            if method.kind != "train":
+            if method.kind not in ("train", "iso"):
                 continue
             flags = _method_flags(method.train_args) + _parse_options(self.config.train_args) + steps
             try:
@@ -423,6 +512,9 @@ class Bench:
         if config.steps:
             command += ["--max-train-steps", str(config.steps)]
         command += _method_flags(cell.method.train_args) + _parse_options(config.train_args)
+        if cell.method.kind == "iso":
+            target = self._cell(cell.subject, cell.method.depends_on[0], cell.seed)
+            command += _method_flags(iso_rank_options(target.run / MAIN_ADAPTER))
         # AdaLoRA cannot resume (its importance statistics are not checkpointed): an interrupted cell starts again
         resumable = cell.method.train_args.get("adapter_type") != "adalora"
         if resumable and any(p.name.startswith("checkpoint-") for p in cell.run.glob("checkpoint-*")):
@@ -466,21 +558,23 @@ class Bench:
     def _check_eval(self, cell: Cell) -> str | None:
         return None if (cell.run / "eval.json").is_file() else f"exited 0 but wrote no {cell.run / 'eval.json'}"
 
+    @staticmethod
+    def _first_stage(cell: Cell) -> str:
+        """The key of the job that writes ``cell``'s adapter."""
+        return f"{cell.key}:{'resize' if cell.method.kind == 'resize' else 'train'}"
+
     def jobs(self) -> list[Job]:
         """The job graph (unsupported cells get no job)."""
         jobs = []
         for cell in self.cells:
             if cell.method.kind == "unsupported":
                 continue
+            deps = [self._first_stage(self._cell(cell.subject, d, cell.seed)) for d in cell.method.depends_on]
             if cell.method.kind == "resize":
-                deps = [f"{self._cell(cell.subject, d, cell.seed).key}:train" for d in cell.method.depends_on]
-                first = Job(
-                    cell, "resize", lambda c=cell: self._resize_command(c), deps, lambda c=cell: self._check_adapter(c)
-                )
+                command, stage = self._resize_command, "resize"
             else:
-                first = Job(
-                    cell, "train", lambda c=cell: self._train_command(c), [], lambda c=cell: self._check_adapter(c)
-                )
+                command, stage = self._train_command, "train"
+            first = Job(cell, stage, lambda c=cell, f=command: f(c), deps, lambda c=cell: self._check_adapter(c))
             jobs.append(first)
             if not self.config.skip_eval:
                 jobs.append(
@@ -713,21 +807,39 @@ def bench(config: BenchConfig) -> dict[str, int]:
     return Bench(config).run()
 
 
-# ---------------------------------------------------------------------- the SVD baseline
+# ---------------------------------------------------------------------- the iso-size and SVD baselines
+def iso_rank_options(adapter: str | Path) -> dict:
+    """``lora2 train`` options of a fixed-rank LoRA with one rank in every layer (⌊r*⌋, some layers ⌈r*⌉) at the
+    parameter count of ``adapter`` (``lora2.rank.budget.uniform_ranks``); UNet adapters only."""
+    from lora2.export.formats import read_adapter
+
+    loaded = read_adapter(adapter)
+    others = sorted(set(loaded.adapter) - {"unet", ""})
+    if others:
+        raise ValueError(f"{adapter}: an iso-size baseline adapts the UNet only, this adapter also adapts {others}")
+    modules = {name: module for component in loaded.adapter.values() for name, module in component.items()}
+    costs = {name: module.in_features + module.out_features for name, module in modules.items()}
+    ranks = uniform_ranks(costs, sum(module.rank * costs[name] for name, module in modules.items()))
+    base = min(ranks.values())
+    pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != base}
+    return {"init_rank": base, "max_rank": max(512, base + 1), "rank_pattern": pattern}
+
+
 def svd_resize(source: str | Path, ranks_from: str | Path, output: str | Path, allocation: str = "budget") -> Path:
     """Truncate the adapter ``source`` by SVD to the size of ``ranks_from`` (Eckart–Young per module).
 
     allocation "budget": total rank Σ_ℓ r_ℓ of ``ranks_from``, spent on the globally largest singular values σ²
     (``lora2.tools.merge.recompress``: the least total squared error Σ_ℓ Σ_{i>k_ℓ} σ_i² for that budget);
-    "layers": each module gets exactly its rank in ``ranks_from``.
+    "layers": each module gets exactly its rank in ``ranks_from``; "uniform": one rank everywhere (⌊r*⌋ or ⌈r*⌉,
+    ``lora2.rank.budget.uniform_ranks``) with the parameter count of ``ranks_from``.
     """
     from lora2.export.formats import read_adapter
     from lora2.tools.merge import recompress
     from lora2.tools.output import output_format, write_result
     from lora2.tools.svd import lowrank_svd, truncate
 
-    if allocation not in ("budget", "layers"):
-        raise ValueError(f"allocation must be 'budget' or 'layers', got {allocation!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     src, target = read_adapter(source), read_adapter(ranks_from)
     ranks = {(c, n): m.rank for c, modules in target.adapter.items() for n, m in modules.items()}
     entries = {(c, n): m for c, modules in src.adapter.items() for n, m in modules.items()}
@@ -736,6 +848,12 @@ def svd_resize(source: str | Path, ranks_from: str | Path, output: str | Path, a
     if allocation == "budget":
         resized = recompress(src.adapter, rank_budget=sum(ranks.values()))
     else:
+        if allocation == "uniform":
+            costs = {key: module.in_features + module.out_features for key, module in entries.items()}
+            budget = sum(rank * costs[key] for key, rank in ranks.items())
+            by_name = uniform_ranks({repr(key): cost for key, cost in costs.items()}, budget,
+                                    max_rank=min(m.rank for m in entries.values()))  # fmt: skip
+            ranks = {key: by_name[repr(key)] for key in entries}
         resized = {}
         for (component, name), module in entries.items():
             resized.setdefault(component, {})[name] = truncate(module, *lowrank_svd(module), ranks[(component, name)])
@@ -744,14 +862,14 @@ def svd_resize(source: str | Path, ranks_from: str | Path, output: str | Path, a
 
 
 def resize_main(argv: list[str] | None = None) -> int:
-    """Entry point of a bench resize job: ``SOURCE --ranks-from FILE --output FILE --allocation budget|layers``."""
+    """Entry point of a bench resize job: ``SOURCE --ranks-from FILE --output FILE --allocation ALLOCATION``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="lora2-bench-resize", description=svd_resize.__doc__)
     parser.add_argument("source")
     parser.add_argument("--ranks-from", required=True)
     parser.add_argument("--output", required=True)
-    parser.add_argument("--allocation", default="budget", choices=("budget", "layers"))
+    parser.add_argument("--allocation", default="budget", choices=ALLOCATIONS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     svd_resize(args.source, args.ranks_from, args.output, args.allocation)

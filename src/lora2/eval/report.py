@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
 
-from lora2.eval.bench import PROTOCOL_KEYS, method_registry
+from lora2.eval.bench import PROTOCOL_KEYS, find_method, method_registry
 from lora2.eval.evaluate import METRICS, adapter_summary
+from lora2.eval.stats import holm, sign_flip_p
 from lora2.train.run_folder import MAIN_ADAPTER
 
 logger = logging.getLogger(__name__)
@@ -250,6 +251,34 @@ def paired_table(results: list[CellResult], reference: str = "lora2") -> str:
     return "\n".join(lines)
 
 
+def paired_tests(results: list[CellResult], reference: str = "lora2") -> list[dict]:
+    """Each method against ``reference`` on their common (subject, seed) pairs, every metric: mean difference,
+    sign-flip permutation p (``stats.sign_flip_p``) and Holm's adjusted p over the whole family (methods × metrics)."""
+    scored = {(r.subject, r.seed, r.method): r for r in results if r.scores}
+    tests = []
+    for method in _ordered_methods(results):
+        pairs = [(cell, scored[(s, seed, reference)]) for (s, seed, m), cell in scored.items()
+                 if m == method != reference and (s, seed, reference) in scored]  # fmt: skip
+        for metric in METRICS if pairs else ():
+            differences = [a.scores[metric] - b.scores[metric] for a, b in pairs]
+            tests.append({"method": method, "metric": metric, "pairs": len(pairs),
+                          "mean_diff": statistics.fmean(differences), "p": sign_flip_p(differences)})  # fmt: skip
+    for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
+        test["p_holm"] = adjusted
+    return tests
+
+
+def paired_tests_table(tests: list[dict], reference: str = "lora2") -> str:
+    """``paired_tests`` as Markdown: one row per method, Δ (p, Holm p) per metric."""
+    titles = " | ".join(f"Δ {METRIC_TITLES[m]} (p, Holm p)" for m in METRICS)
+    lines = [f"| Method − {reference} | pairs | {titles} |", "|" + "---|" * (2 + len(METRICS))]
+    for method in dict.fromkeys(t["method"] for t in tests):
+        row = {t["metric"]: t for t in tests if t["method"] == method}
+        cells = " | ".join(f"{row[m]['mean_diff']:+.3f} ({row[m]['p']:.3g}, {row[m]['p_holm']:.3g})" for m in METRICS)
+        lines.append(f"| {method} | {row[METRICS[0]]['pairs']} | {cells} |")
+    return "\n".join(lines)
+
+
 def subject_table(results: list[CellResult], metric: str = "dino") -> str:
     """Subjects (rows) × methods (columns): ``metric`` averaged over seeds, with the mean rank of learned methods."""
     methods = _ordered_methods(results)
@@ -278,7 +307,8 @@ def layer_attention(module: str) -> tuple[str, str] | None:
 
 def _learned(results: list[CellResult]) -> list[CellResult]:
     """Cells whose ranks differ between layers (learned-rank or truncated methods)."""
-    return [r for r in results if r.ranks and (len(set(r.ranks.values())) > 1 or r.method.startswith("lora2"))]
+    varied = [r for r in results if r.ranks and (len(set(r.ranks.values())) > 1 or r.method.startswith("lora2"))]
+    return [r for r in varied if not r.method.startswith("iso-")]  # an iso-size LoRA's ranks differ by one at most
 
 
 # ---------------------------------------------------------------------- plots
@@ -458,6 +488,13 @@ def report(*folders: str | Path, out: str | Path | None = None) -> Path:
         "",
         paired_table(results),
         "",
+        "## Paired tests against LoRA²",
+        "",
+        "Sign-flip permutation test of the mean paired difference, two-sided; Holm's correction over every method",
+        "and metric below (reject at adjusted p < 0.05).",
+        "",
+        paired_tests_table(paired_tests(results)),
+        "",
         "## DINO per subject",
         "",
         subject_table(results, "dino"),
@@ -483,8 +520,11 @@ def report(*folders: str | Path, out: str | Path | None = None) -> Path:
         complexity = subject_complexity(paths)
         # an SVD truncation to LoRA²'s total rank would hide the LoRA² point under its own
         registry = method_registry()
+        derived = ("resize", "iso")
         with_complexity = [
-            c for c in learned if c.subject in complexity and getattr(registry.get(c.method), "kind", "") != "resize"
+            c
+            for c in learned
+            if c.subject in complexity and getattr(find_method(c.method, registry), "kind", "") not in derived
         ]
         if with_complexity:
             plot_rank_vs_complexity(with_complexity, complexity, out_dir / "rank_vs_complexity.png")
