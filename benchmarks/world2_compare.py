@@ -71,6 +71,9 @@ def nearest_rank(rank: float, ranks: list[int]) -> int:
 
 def main_methods(best_fixed: dict[int, str], best_lora2: dict[int, str]) -> list[str]:
     """Every method of the comparison at its best learning rate (fixed ranks first: the others depend on them)."""
+    if SVD_SOURCE_RANK not in best_fixed or REFERENCE_TARGET not in best_lora2:
+        raise ValueError(f"the plan needs fixed rank {SVD_SOURCE_RANK} (have {sorted(best_fixed)}) and r_target "
+                         f"{REFERENCE_TARGET} (have {sorted(best_lora2)})")  # fmt: skip
     fixed = [gate.fixed_rank_method(rank, lr).name for rank, lr in best_fixed.items()]
     source = gate.fixed_rank_method(SVD_SOURCE_RANK, best_fixed[SVD_SOURCE_RANK]).name
     methods = list(fixed)

@@ -39,6 +39,8 @@ def test_every_planned_method_resolves_with_its_dependencies(compare):
     assert resolved["adalora-32-16-lr1e-3"].train_args["target_rank"] == 16
     pairs = compare.comparison_pairs(BEST_FIXED, best_lora2)
     assert all(a in resolved and b in resolved for a, b in pairs)
+    with pytest.raises(ValueError, match="fixed rank 128"):
+        compare.main_methods({4: "1e-3", 64: "1e-3"}, best_lora2)
 
 
 def test_curve_interpolation_and_the_gap_to_the_fixed_curve(compare):

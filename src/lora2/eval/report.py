@@ -6,8 +6,8 @@ several folders of the same protocol (a grid split over machines: one folder per
 ``--out``. A cell evaluated in two folders counts once (the first folder's) and is listed with both scores: the
 check that two machines reproduce each other. A folder archived without its ``run/`` folders is read from the
 ``cells.json`` of its earlier report. ``report.md`` holds the table (rows: methods; DINO, CLIP-I, CLIP-T as
-mean ± std over subjects × seeds; adapter size in GiB of fp32 parameters; mean rank over layers; training time) and
-the PNG plots:
+mean ± std over subjects × seeds; adapter size in GiB of fp32 parameters; mean rank over layers; training time), each
+method paired with LoRA² (mean differences, sign-flip p and Holm's adjusted p, ``lora2.eval.stats``) and the PNG plots:
 
 - ``pareto.png``: each metric against adapter size (log scale), one point per method with its spread;
 - ``rank_heatmap_<subject>.png``: per-layer ranks of the learned-rank methods (rows: layers; columns: method/seed);
