@@ -5,7 +5,9 @@
 #             the detail world2 is made of); skipped when $WORLD2 already holds base/, clip/ and dino/;
 #   gate      the discrimination gate, benchmarks/world2_gate.py run (resumable: a call stopped by its time limit
 #             leaves finished cells in $GATE, and the next call on the same warm machine continues);
-#   all       both, under one budget.
+#   compare   after the gate passed: benchmarks/world2_compare.py run in the gate's folder (resumable like the gate),
+#             then its analysis once every cell is in (world2_compare.json, world2_pareto.png into $OUT);
+#   all       pretrain and gate, under one budget.
 # Everything lives under /tmp on the device (WORLD2=/tmp/world2, GATE=/tmp/world2_gate): chain the calls while the
 # machine stays warm. What comes back in $OUT: base.tar.part-*, clip.tar, dino.tar, logs.tgz (pretrain, as
 # gpu_world_pretrain.sh writes them), world2_gate.json and world2_gate_cells.json once the gate is complete,
@@ -14,6 +16,7 @@
 # usage (device, repository root, diffusers wheels in .whl/):
 #   OUT=... bash benchmarks/gpu_world2.sh pretrain
 #   OUT=... LIMIT=540 JOBS=16 bash benchmarks/gpu_world2.sh gate      # again until world2_gate.json comes back
+#   OUT=... LIMIT=540 JOBS=16 bash benchmarks/gpu_world2.sh compare   # again until world2_compare.json comes back
 # CPU smoke test of the same steps (tiny data, world2's architecture):
 #   OUT=/tmp/o SCALE=world2-tiny DEVICE=cpu GATE_ARGS=--tiny JOBS=2 WORLD2=/tmp/w2 GATE=/tmp/g2 \
 #     bash benchmarks/gpu_world2.sh all
@@ -50,4 +53,18 @@ if [[ $step == gate || $step == all ]]; then
   tar czf "$out/gate.tgz" -C "$(dirname "$gate")" --exclude='run' "$(basename "$gate")/bench"
   grep -c '"event": "done"' "$gate/bench/cells.jsonl"
   tail -3 "$out/gate.log"
+fi
+
+if [[ $step == compare ]]; then
+  left=$((${LIMIT:-540} - $(date +%s) + start))
+  python3 benchmarks/world2_compare.py run --gate "$gate" --world "$world" --parallel "${JOBS:-16}" \
+    --time-limit "$left" >>"$out/compare.log" 2>&1
+  code=$?
+  echo "compare exit $code after $(($(date +%s) - start)) s"
+  if [ $code -eq 0 ]; then
+    python3 benchmarks/world2_compare.py analyze --gate "$gate" --json "$out/world2_compare.json" \
+      --plot "$out/world2_pareto.png" >>"$out/compare.log" 2>&1
+  fi
+  tar czf "$out/gate.tgz" -C "$(dirname "$gate")" --exclude='run' "$(basename "$gate")/bench"
+  tail -3 "$out/compare.log"
 fi
