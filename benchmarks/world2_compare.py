@@ -39,8 +39,7 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import world2_gate as gate  # noqa: E402  (the gate's bench plumbing: same folder, same protocol)
 
-from lora2.eval.report import collect  # noqa: E402
-from lora2.eval.stats import holm, sign_flip_p  # noqa: E402
+from lora2.eval.report import collect, paired_tests  # noqa: E402
 
 logger = logging.getLogger("world2_compare")
 
@@ -139,22 +138,6 @@ def against_fixed_curve(points: dict[str, dict], fixed: list[str], learned: list
     return result
 
 
-def paired_comparisons(cells: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
-    """(method, other) on their common (subject, seed) pairs, every metric: mean difference (method − other),
-    sign-flip p and Holm's adjusted p over all comparisons given."""
-    scored = {(c["subject"], c["seed"], c["method"]): c["scores"] for c in cells if c["scores"]}
-    tests = []
-    for method, other in pairs:
-        keys = [(s, seed) for (s, seed, m) in scored if m == method and (s, seed, other) in scored]
-        for metric in METRICS if keys else ():
-            diffs = [scored[(s, seed, method)][metric] - scored[(s, seed, other)][metric] for s, seed in keys]
-            tests.append({"method": method, "other": other, "metric": metric, "pairs": len(keys),
-                          "mean_diff": statistics.fmean(diffs), "p": sign_flip_p(diffs)})  # fmt: skip
-    for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
-        test["p_holm"] = adjusted
-    return tests
-
-
 def comparison_pairs(best_fixed: dict[int, str], best_lora2: dict[int, str]) -> list[tuple[str, str]]:
     """LoRA² against its iso-size LoRA and its uniform SVD at every target; each ablation against its base."""
     source = gate.fixed_rank_method(SVD_SOURCE_RANK, best_fixed[SVD_SOURCE_RANK]).name
@@ -192,16 +175,15 @@ def analyze(gate_out: Path, best_lora2: dict[int, str]) -> dict:
     """The comparison's numbers from the gate's bench folder (see the module docstring)."""
     details = json.loads((gate_out / "world2_gate_cells.json").read_text(encoding="utf-8"))
     best_fixed = {int(rank): lr for rank, lr in details["best_learning_rate"].items()}
-    cells = [vars(c) for c in collect(gate_out / "bench")]
-    cells = [c for c in cells if c["seed"] in SEEDS]
-    points = method_points(cells)
+    results = [c for c in collect(gate_out / "bench") if c.seed in SEEDS]
+    points = method_points([vars(c) for c in results])
     fixed = [gate.fixed_rank_method(r, lr).name for r, lr in sorted(best_fixed.items())]
     learned = [lora2_name(t, lr) for t, lr in sorted(best_lora2.items())]
     return {
         "best_learning_rates": {"fixed": best_fixed, "lora2": best_lora2},
         "points": points,
         "lora2_against_fixed_curve": against_fixed_curve(points, fixed, learned),
-        "paired": paired_comparisons(cells, comparison_pairs(best_fixed, best_lora2)),
+        "paired": paired_tests(results, comparison_pairs(best_fixed, best_lora2)),
         "curves": {"fixed": fixed, "lora2": learned},
     }
 

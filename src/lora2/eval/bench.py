@@ -808,6 +808,13 @@ def bench(config: BenchConfig) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------- the iso-size and SVD baselines
+def uniform_allocation(modules: dict, ranks: dict, max_rank: int | None = None) -> dict:
+    """One rank per module of ``modules`` (key → LoraModule), ⌊r*⌋ or ⌈r*⌉, at the parameter count that ``ranks``
+    (key → rank) has on their shapes (``lora2.rank.budget.uniform_ranks``)."""
+    costs = {key: module.in_features + module.out_features for key, module in modules.items()}
+    return uniform_ranks(costs, sum(rank * costs[key] for key, rank in ranks.items()), max_rank)
+
+
 def iso_rank_options(adapter: str | Path) -> dict:
     """``lora2 train`` options of a fixed-rank LoRA with one rank in every layer (⌊r*⌋, some layers ⌈r*⌉) at the
     parameter count of ``adapter`` (``lora2.rank.budget.uniform_ranks``); UNet adapters only."""
@@ -818,8 +825,7 @@ def iso_rank_options(adapter: str | Path) -> dict:
     if others:
         raise ValueError(f"{adapter}: an iso-size baseline adapts the UNet only, this adapter also adapts {others}")
     modules = {name: module for component in loaded.adapter.values() for name, module in component.items()}
-    costs = {name: module.in_features + module.out_features for name, module in modules.items()}
-    ranks = uniform_ranks(costs, sum(module.rank * costs[name] for name, module in modules.items()))
+    ranks = uniform_allocation(modules, {name: module.rank for name, module in modules.items()})
     base = min(ranks.values())
     pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != base}
     return {"init_rank": base, "max_rank": max(512, base + 1), "rank_pattern": pattern}
@@ -849,11 +855,7 @@ def svd_resize(source: str | Path, ranks_from: str | Path, output: str | Path, a
         resized = recompress(src.adapter, rank_budget=sum(ranks.values()))
     else:
         if allocation == "uniform":
-            costs = {key: module.in_features + module.out_features for key, module in entries.items()}
-            budget = sum(rank * costs[key] for key, rank in ranks.items())
-            by_name = uniform_ranks({repr(key): cost for key, cost in costs.items()}, budget,
-                                    max_rank=min(m.rank for m in entries.values()))  # fmt: skip
-            ranks = {key: by_name[repr(key)] for key in entries}
+            ranks = uniform_allocation(entries, ranks, max_rank=min(m.rank for m in entries.values()))
         resized = {}
         for (component, name), module in entries.items():
             resized.setdefault(component, {})[name] = truncate(module, *lowrank_svd(module), ranks[(component, name)])

@@ -251,17 +251,17 @@ def paired_table(results: list[CellResult], reference: str = "lora2") -> str:
     return "\n".join(lines)
 
 
-def paired_tests(results: list[CellResult], reference: str = "lora2") -> list[dict]:
-    """Each method against ``reference`` on their common (subject, seed) pairs, every metric: mean difference,
-    sign-flip permutation p (``stats.sign_flip_p``) and Holm's adjusted p over the whole family (methods × metrics)."""
-    scored = {(r.subject, r.seed, r.method): r for r in results if r.scores}
+def paired_tests(results: list[CellResult], pairs: list[tuple[str, str]]) -> list[dict]:
+    """Each (method, other) of ``pairs`` on their common (subject, seed) pairs, every metric: mean difference
+    (method − other), sign-flip permutation p (``stats.sign_flip_p``) and Holm's adjusted p over the whole family
+    (pairs × metrics)."""
+    scored = {(r.subject, r.seed, r.method): r.scores for r in results if r.scores}
     tests = []
-    for method in _ordered_methods(results):
-        pairs = [(cell, scored[(s, seed, reference)]) for (s, seed, m), cell in scored.items()
-                 if m == method != reference and (s, seed, reference) in scored]  # fmt: skip
-        for metric in METRICS if pairs else ():
-            differences = [a.scores[metric] - b.scores[metric] for a, b in pairs]
-            tests.append({"method": method, "metric": metric, "pairs": len(pairs),
+    for method, other in pairs:
+        keys = [(s, seed) for (s, seed, m) in scored if m == method and (s, seed, other) in scored]
+        for metric in METRICS if keys else ():
+            differences = [scored[(s, seed, method)][metric] - scored[(s, seed, other)][metric] for s, seed in keys]
+            tests.append({"method": method, "other": other, "metric": metric, "pairs": len(keys),
                           "mean_diff": statistics.fmean(differences), "p": sign_flip_p(differences)})  # fmt: skip
     for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
         test["p_holm"] = adjusted
@@ -493,7 +493,7 @@ def report(*folders: str | Path, out: str | Path | None = None) -> Path:
         "Sign-flip permutation test of the mean paired difference, two-sided; Holm's correction over every method",
         "and metric below (reject at adjusted p < 0.05).",
         "",
-        paired_tests_table(paired_tests(results)),
+        paired_tests_table(paired_tests(results, [(m, "lora2") for m in _ordered_methods(results) if m != "lora2"])),
         "",
         "## DINO per subject",
         "",

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 
-def uniform_ranks(params_per_rank: dict[str, int], budget: int, max_rank: int | None = None) -> dict[str, int]:
+
+def uniform_ranks(
+    params_per_rank: dict[Hashable, int], budget: int, max_rank: int | None = None
+) -> dict[Hashable, int]:
     """Ranks r_ℓ ∈ {⌊r*⌋, ⌈r*⌉}, r* = budget / Σ_ℓ p_ℓ, with Σ_ℓ r_ℓ p_ℓ as close to ``budget`` from below as a
-    greedy pass in name order gets (within max_ℓ p_ℓ of it).
+    greedy pass in key order gets (within max_ℓ p_ℓ of it).
 
-    ``params_per_rank``: module → p_ℓ, the parameters one unit of rank costs there (d_in + d_out for a linear layer).
+    ``params_per_rank``: module (any sortable key) → p_ℓ, the parameters one unit of rank costs there (d_in + d_out
+    for a linear layer).
     ``budget``: the parameter count to match (e.g. a LoRA² adapter's). Every module gets at least rank 1 and at most
     ``max_rank``. ``ValueError`` for an empty table, a non-positive cost or budget.
     """
@@ -30,6 +35,6 @@ def uniform_ranks(params_per_rank: dict[str, int], budget: int, max_rank: int | 
     return ranks
 
 
-def parameter_count(ranks: dict[str, int], params_per_rank: dict[str, int]) -> int:
+def parameter_count(ranks: dict[Hashable, int], params_per_rank: dict[Hashable, int]) -> int:
     """Σ_ℓ r_ℓ p_ℓ: the LoRA parameters of an allocation."""
     return sum(rank * params_per_rank[name] for name, rank in ranks.items())

@@ -122,7 +122,6 @@ class UNetRunner:
         capture: Callable | None = None,
     ) -> None:
         self.unet, self.collector, self.mode, self.optimizer = unet, collector, mode, optimizer
-        self.autocast = autocast
         self.eager_autocast = torch.autocast(**autocast)
         self.graph_autocast = torch.autocast(**autocast, cache_enabled=False)  # graph capture allows no cache
         self.capture = capture or torch.cuda.make_graphed_callables

@@ -209,9 +209,9 @@ class DreamBoothRecipe:
         self.images: list[TrainImage] = instance_images(self.instance_paths, config)  # square, or bucketed
         torch.manual_seed(config.seed)  # identical on every process: adapter init and grown rank rows match
         self.components = components = load_components(self.base, config.revision, config.variant, config.model_type)
-        self.autocast = torch.autocast(
-            self.device.type, dtype=config.weight_dtype, enabled=config.mixed_precision != "no"
-        )
+        self.autocast_args = {"device_type": self.device.type, "dtype": config.weight_dtype,
+                              "enabled": config.mixed_precision != "no"}  # fmt: skip
+        self.autocast = torch.autocast(**self.autocast_args)
         for module in [components.unet, components.vae, *components.text_encoders]:
             module.requires_grad_(False)
         components.vae.to(self.device)  # stays fp32: latents are computed once (the SDXL VAE overflows in fp16)
@@ -311,14 +311,12 @@ class DreamBoothRecipe:
         """The UNet's runner: CUDA graphs (``--compile graphs``; ``auto``: on CUDA, with the options they are verified
         with) or eager."""
         config = self.config
-        autocast = {"device_type": self.device.type, "dtype": config.weight_dtype,
-                    "enabled": config.mixed_precision != "no"}  # fmt: skip
         mode, untried = self.compile_mode, unverified(config, self.processes.world_size)
         if config.compile == "auto" and mode == "graphs" and untried:
             logger.info("--compile auto: eager, the fast path is not verified with %s (--compile graphs tries it)",
                         ", ".join(untried))  # fmt: skip
             mode = "none"
-        self.unet_runner = UNetRunner(self.components.unet, self.collector, mode, autocast, self.optimizer)
+        self.unet_runner = UNetRunner(self.components.unet, self.collector, mode, self.autocast_args, self.optimizer)
         if self.data.training_sizes > 1:
             self.unet_runner.disable(
                 f"{self.data.training_sizes} aspect-ratio buckets: a graph per latent size would hold its own "
