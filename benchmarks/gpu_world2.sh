@@ -9,9 +9,10 @@
 #             then its analysis once every cell is in (world2_compare.json, world2_pareto.png into $OUT);
 #   all       pretrain and gate, under one budget.
 # Everything lives under /tmp on the device (WORLD2=/tmp/world2, GATE=/tmp/world2_gate): chain the calls while the
-# machine stays warm. What comes back in $OUT: base.tar.part-*, clip.tar, dino.tar, logs.tgz (pretrain, as
-# gpu_world_pretrain.sh writes them), world2_gate.json and world2_gate_cells.json once the gate is complete,
-# gate.log, gate.tgz (the bench folder without run/ folders).
+# machine stays warm. What comes back in $OUT: base.tar.part-*, clip.tar, dino.tar, pretrain_record.json, logs.tgz
+# (pretrain, as gpu_world_pretrain.sh writes them; REPLAY=benchmarks/results/world2_pretrain.json SAMPLES=0 replays
+# the recorded pretraining instead, checked fingerprint by fingerprint), world2_gate.json and world2_gate_cells.json
+# once the gate's first ranks are confirmed, gate.log, gate.tgz (the bench folder, of the run folders only eval.json).
 #
 # usage (device, repository root, diffusers wheels in .whl/):
 #   OUT=... bash benchmarks/gpu_world2.sh pretrain
@@ -33,6 +34,13 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 LORA2_C
 world=${WORLD2:-/tmp/world2}
 gate=${GATE:-/tmp/world2_gate}
 
+# The bench folder without the cells' run folders (adapters, checkpoints, images stay on the device) but with each
+# run's eval.json, which holds the cell's scores, ranks and size (lora2.eval.report.collect reads them).
+archive() {
+  (cd "$(dirname "$gate")" && { find "$(basename "$gate")/bench" -name run -prune -o -type f -print;
+    find "$(basename "$gate")/bench" -path '*/run/eval.json'; } | tar czf "$1" -T -)
+}
+
 if [[ $step == pretrain || $step == all ]]; then
   if [ -f "$world/base/model_index.json" ] && [ -f "$world/clip/config.json" ] && [ -f "$world/dino/config.json" ]; then
     echo "pretrain: $world already holds base, clip and dino"
@@ -50,7 +58,7 @@ if [[ $step == gate || $step == all ]]; then
     --time-limit "$left" ${GATE_ARGS:-} >>"$out/gate.log" 2>&1
   echo "gate exit $? after $(($(date +%s) - start)) s"
   for f in world2_gate.json world2_gate_cells.json; do [ -f "$gate/$f" ] && cp "$gate/$f" "$out/"; done
-  tar czf "$out/gate.tgz" -C "$(dirname "$gate")" --exclude='run' "$(basename "$gate")/bench"
+  archive "$out/gate.tgz"
   grep -c '"event": "done"' "$gate/bench/cells.jsonl"
   tail -3 "$out/gate.log"
 fi
@@ -65,6 +73,6 @@ if [[ $step == compare ]]; then
     python3 benchmarks/world2_compare.py analyze --gate "$gate" --json "$out/world2_compare.json" \
       --plot "$out/world2_pareto.png" >>"$out/compare.log" 2>&1
   fi
-  tar czf "$out/gate.tgz" -C "$(dirname "$gate")" --exclude='run' "$(basename "$gate")/bench"
+  archive "$out/gate.tgz"
   tail -3 "$out/compare.log"
 fi

@@ -5,8 +5,11 @@
 # INIT_FROM=<base pipeline folder> continues that base (UNet + text encoders, VAE kept) instead of starting anew;
 # BASE_SECONDS overrides the UNet phase's budget (e.g. 480 when no VAE phase runs); BASE_BATCH and BASE_LR its
 # batch size and peak learning rate.
-# Results: $OUT/clip.tar, $OUT/dino.tar, the base as 15 MB parts $OUT/base.tar.part-*, and $OUT/logs.tgz (logs and
-# samples.png, a grid of 4 held-out prompts x 4 seeds).
+# Every phase's step count and fingerprints go to $OUT/pretrain_record.json (lora2.world.replay); REPLAY=<such a
+# record> replays that run step for step instead (the same weights on the same kind of GPU, or an error naming the
+# phase at its first differing fingerprint) and SAMPLES=0 leaves out the sample grid.
+# Results: $OUT/clip.tar, $OUT/dino.tar, the base as 15 MB parts $OUT/base.tar.part-*, $OUT/pretrain_record.json and
+# $OUT/logs.tgz (logs, records and samples.png, a grid of 4 held-out prompts x 4 seeds).
 #
 # usage: OUT=/tmp/out [PARTS="base clip"] bash benchmarks/gpu_world_pretrain.sh [full|tiny] [cuda|cpu]
 # Unpack: cat $OUT/base.tar.part-* | tar -xf - -C src/lora2/world/assets; tar -xf $OUT/clip.tar -C src/lora2/world/assets
@@ -17,7 +20,7 @@ OUT=${OUT:-/tmp/world_pretrain_out}
 WORK=${WORK:-/tmp/world_models}
 PARTS=${PARTS:-base clip dino}
 LOGS=$WORK/logs
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
 export PYTHONPATH=${PYTHONPATH:-}:$PWD/src
 mkdir -p "$OUT" "$WORK" "$LOGS"
 start=$(date +%s)
@@ -36,15 +39,22 @@ from PIL import Image
 from diffusers import StableDiffusionXLPipeline
 from lora2.world import generator
 from lora2.world.pretrain import SCALES, pretrain_base
+from lora2.world.replay import PretrainRecord
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 work, scale, device, logs = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
-env = {k: os.environ.get(k) or None for k in ("BASE_SECONDS", "BASE_BATCH", "BASE_LR", "INIT_FROM")}
+env = {k: os.environ.get(k) or None for k in ("BASE_SECONDS", "BASE_BATCH", "BASE_LR", "INIT_FROM", "REPLAY")}
 cfg = SCALES[scale] if env["BASE_LR"] is None else replace(SCALES[scale], base_lr=float(env["BASE_LR"]))
-path = pretrain_base(
-    work / "base", device=device, scale=cfg, init_from=env["INIT_FROM"],
-    seconds=float(env["BASE_SECONDS"]) if env["BASE_SECONDS"] else None,
-    batch_size=int(env["BASE_BATCH"]) if env["BASE_BATCH"] else None,
-)
+record = PretrainRecord(env["REPLAY"])
+try:
+    path = pretrain_base(
+        work / "base", device=device, scale=cfg, init_from=env["INIT_FROM"], record=record,
+        seconds=float(env["BASE_SECONDS"]) if env["BASE_SECONDS"] else None,
+        batch_size=int(env["BASE_BATCH"]) if env["BASE_BATCH"] else None,
+    )
+finally:
+    record.write(logs / "record_base.json")
+if os.environ.get("SAMPLES") == "0":
+    sys.exit(0)
 # Sanity grid: 4 held-out (shape, colour) prompts x 4 seeds, as plain diffusers generates them.
 t0 = time.monotonic()
 pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=torch.float32).to(device)
@@ -63,15 +73,20 @@ PY
 fi
 
 python3 - "$WORK" "$SCALE" "$DEVICE" $PARTS >"$LOGS/evaluators.log" 2>&1 <<'PY' &
-import logging, sys
+import logging, os, sys
 from pathlib import Path
 from lora2.world.evaluators import train_clip, train_dino
+from lora2.world.replay import PretrainRecord
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 work, scale, device, parts = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
-if "clip" in parts:
-    train_clip(work / "clip", device=device, scale=scale)
-if "dino" in parts:
-    train_dino(work / "dino", device=device, scale=scale)
+record = PretrainRecord(os.environ.get("REPLAY") or None)
+try:
+    if "clip" in parts:
+        train_clip(work / "clip", device=device, scale=scale, record=record)
+    if "dino" in parts:
+        train_dino(work / "dino", device=device, scale=scale, record=record)
+finally:
+    record.write(work / "logs" / "record_evaluators.json")
 PY
 eval_pid=$!
 
@@ -85,6 +100,14 @@ if [ -n "$base_pid" ]; then
   echo "base exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOGS/env.log"
   [ -d "$WORK/base" ] && tar -C "$WORK" -cf - base | split -b 15m - "$OUT/base.tar.part-"
 fi
+python3 - "$LOGS" "$OUT/pretrain_record.json" <<'PY'
+import json, sys
+from pathlib import Path
+logs, out = Path(sys.argv[1]), Path(sys.argv[2])
+records = [json.loads(p.read_text()) for p in sorted(logs.glob("record_*.json"))]
+merged = {**records[0], "phases": {k: v for r in records for k, v in r["phases"].items()}} if records else {}
+out.write_text(json.dumps(merged, indent=1) + "\n")
+PY
 ls -la "$OUT" | tee -a "$LOGS/env.log"
 tar czf "$OUT/logs.tgz" -C "$WORK" logs
 tail -n 3 "$LOGS"/*.log

@@ -6,7 +6,8 @@ GPU like every grid):
 1. sweep: fixed ranks ``RANKS`` × learning rates ``LEARNING_RATES`` on seed 0, every subject (methods named
    ``fixed-<rank>-lr<rate>``, ``lora2.eval.bench.fixed_rank_method``);
 2. each rank's best learning rate: the highest mean DINO over the subjects at seed 0 (``best_learning_rates``);
-3. confirm: each rank at its best learning rate on seeds 1 and 2, every subject;
+3. confirm: each rank at its best learning rate on seeds 1 and 2, every subject; steps 1–3 run for ranks 4 and 64
+   first, then 8, then the others (``rank_groups``), and the gate files are written after each group;
 4. the gate (``gate_result``), on the confirmation seeds only: DINO of the low rank against rank 64, paired by
    (subject, seed); ``paired_diff`` = mean of (high − low), ``paired_se`` = its standard error (sample standard
    deviation / √n); ``spearman_gap_vs_complexity`` = Spearman ρ between each subject's mean gap and its complexity
@@ -249,8 +250,17 @@ def _bench(args, world, root, subjects, methods, seeds, deadline) -> dict[str, i
     return bench(config)
 
 
+def rank_groups(ranks: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The order in which ranks are swept and confirmed: the gate's first pair (low rank 4 and rank 64), then its
+    fallback low rank (8), then the rest of the curve, so that a run cut short by its time limit has the verdict
+    first."""
+    order = [(LOW_RANKS[0], HIGH_RANK), LOW_RANKS[1:], tuple(r for r in ranks if r not in (*LOW_RANKS, HIGH_RANK))]
+    return [group for group in (tuple(r for r in g if r in ranks) for g in order) if group]
+
+
 def run(args: argparse.Namespace) -> int:
-    """Sweep, choose, confirm, decide; returns 0 when the gate file is written, 3 when cells are still missing."""
+    """Sweep, choose, confirm and decide, group by group (``rank_groups``); the gate files are (re)written after each
+    group. Returns 0 when every rank is confirmed, 3 when cells are still missing (the next call resumes)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + args.time_limit if args.time_limit else None
@@ -261,26 +271,26 @@ def run(args: argparse.Namespace) -> int:
     for needed in (*LOW_RANKS[:1], HIGH_RANK):
         if needed not in ranks:
             raise ValueError(f"--ranks {ranks} must include the gate's ranks {LOW_RANKS[0]} and {HIGH_RANK}")
-    logger.info("sweep: %d ranks x %d learning rates x %d subjects, seed %d", len(ranks), len(lrs), len(subjects),
-                SWEEP_SEED)  # fmt: skip
-    _bench(args, world, root, subjects, sweep_methods(ranks, lrs), (SWEEP_SEED,), deadline)
-    try:
-        best = best_learning_rates(dino_scores(out / "bench"), ranks, lrs, subjects)
-    except ValueError as error:
-        logger.warning("%s", error)
-        return 3
-    logger.info("best learning rates: %s", best)
-    _bench(args, world, root, subjects, confirm_methods(best), CONFIRM_SEEDS, deadline)
-    scores = dino_scores(out / "bench")
-    expected = len(best) * len(subjects) * len(CONFIRM_SEEDS)
-    confirmed = sum(1 for (_, m, seed) in scores if seed in CONFIRM_SEEDS and m in confirm_methods(best))
-    if confirmed < expected:
-        logger.warning("confirmation: %d of %d cells evaluated; run the same command again", confirmed, expected)
-        return 3
     complexity = complexities(root)
-    low_ranks = tuple(r for r in LOW_RANKS if r in ranks)
-    result, verdict = decide(scores, best, complexity, low_ranks)
-    write_results(out, result, verdict, scores, best, complexity)
+    best: dict[int, str] = {}
+    for group in rank_groups(ranks):
+        logger.info("ranks %s: %d learning rates x %d subjects, seed %d", group, len(lrs), len(subjects), SWEEP_SEED)
+        _bench(args, world, root, subjects, sweep_methods(group, lrs), (SWEEP_SEED,), deadline)
+        try:
+            best |= best_learning_rates(dino_scores(out / "bench"), group, lrs, subjects)
+        except ValueError as error:
+            logger.warning("%s", error)
+            return 3
+        logger.info("best learning rates: %s", best)
+        _bench(args, world, root, subjects, confirm_methods(best), CONFIRM_SEEDS, deadline)
+        scores = dino_scores(out / "bench")
+        expected = len(best) * len(subjects) * len(CONFIRM_SEEDS)
+        confirmed = sum(1 for (_, m, seed) in scores if seed in CONFIRM_SEEDS and m in confirm_methods(best))
+        if confirmed < expected:
+            logger.warning("confirmation: %d of %d cells evaluated; run the same command again", confirmed, expected)
+            return 3
+        result, verdict = decide(scores, best, complexity, tuple(r for r in LOW_RANKS if r in best))
+        write_results(out, result, verdict, scores, best, complexity)
     return 0
 
 

@@ -100,6 +100,11 @@ def test_the_plan_and_the_best_learning_rate(gate):
         gate.best_learning_rates(scores, (4, 64), rates, subjects)
 
 
+def test_rank_groups_put_the_gate_first(gate):
+    assert gate.rank_groups(gate.RANKS) == [(4, 64), (8,), (2, 16, 32, 128)]
+    assert gate.rank_groups((64, 4, 32)) == [(4, 64), (32,)]
+
+
 def test_the_chain_through_the_bench_with_stand_in_jobs(gate, tmp_path, monkeypatch):
     calls = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_CALLS", str(calls))
@@ -118,6 +123,8 @@ def test_the_chain_through_the_bench_with_stand_in_jobs(gate, tmp_path, monkeypa
 
     trains = [json.loads(line) for line in calls.read_text().splitlines() if line.startswith('["train"')]
     assert len(trains) == 3 * 3 * 3 + 3 * 2 * 3  # sweep: ranks × rates × subjects; confirmation: ranks × 2 seeds
+    ranks = [int(call[call.index("--init-rank") + 1]) for call in trains]
+    assert set(ranks[: 2 * 3 * 3 + 2 * 2 * 3]) == {4, 64}  # the gate's pair swept and confirmed before rank 8
     result = json.loads((tmp_path / "gate" / "world2_gate.json").read_text())
     assert list(result) == list(gate.GATE_KEYS)
     # the stand-in eval: 0.5 + 0.001 · rank · len(name) / 10 at the best rate 1e-3

@@ -44,10 +44,10 @@ from lora2.world.pretrain import (
     autocast_for,
     pretrain_base,
     resolve_scale,
-    time_budget,
     tokenize,
     world_data,
 )
+from lora2.world.replay import PretrainRecord, make_deterministic
 from lora2.world.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -146,11 +146,13 @@ def train_clip(
     seed: int = 0,
     data: tuple[torch.Tensor, list[str]] | None = None,
     lr: float = 5e-4,
+    record: PretrainRecord | None = None,
 ) -> Path:
     """Train the CLIP evaluator contrastively on world images and captions; save it (with processor) to ``out_dir``.
 
     Loss: symmetric cross-entropy over the B×B cosine-similarity logits scaled by the learned temperature
-    (``CLIPModel(..., return_loss=True)``).
+    (``CLIPModel(..., return_loss=True)``). At most ``steps`` steps within ``seconds``: the phase "clip" of
+    ``record`` (``lora2.world.replay``).
     """
     cfg = resolve_scale(scale)
     steps = steps if steps is not None else cfg.eval_steps
@@ -158,6 +160,7 @@ def train_clip(
     seconds = seconds if seconds is not None else cfg.eval_seconds
     device = torch.device(device)
     out_dir = Path(out_dir)
+    make_deterministic(device)
     torch.manual_seed(seed)
     if data is None:  # an evaluator sees every (shape, colour) pair, the held-out ones of the base model too
         data = world_data(cfg.num_images, seed + 1, cfg.image_size, device, held_out="include")
@@ -173,7 +176,9 @@ def train_clip(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     images = images.to(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    for step, _ in time_budget(steps, seconds, "clip"):
+    plan = (record or PretrainRecord()).phase("clip", steps, seconds)
+    plan.check_data(images)
+    for step, _ in plan.steps(model.parameters):
         idx = torch.randint(len(images), (batch_size,), generator=gen).to(device)
         pixels = normalize(images[idx], CLIP_MEAN, CLIP_STD)  # B×3×H×W
         with autocast_for(device):
@@ -187,6 +192,7 @@ def train_clip(
             model.logit_scale.clamp_(0, math.log(100))
         if step % 500 == 0:
             logger.info("clip step %d loss %.4f", step, loss.item())
+    plan.finish(model.parameters())
     model.eval()
     _save_clip(model, tokenizer, out_dir, cfg.image_size)
     logger.info("saved CLIP evaluator -> %s", out_dir)
@@ -261,11 +267,13 @@ def train_dino(
     seed: int = 0,
     num_pairs: int | None = None,
     lr: float = 5e-4,
+    record: PretrainRecord | None = None,
 ) -> Path:
     """Train the DINO-style ViT by instance discrimination on world objects; save it (with processor) to ``out_dir``.
 
     The similarity used downstream is the cosine of ``last_hidden_state[:, 0]`` (the CLS token after the final
     layer norm), as in the DreamBooth DINO metric; the SimCLR projection head used in training is discarded.
+    At most ``steps`` steps within ``seconds``: the phase "dino" of ``record`` (``lora2.world.replay``).
     """
     cfg = resolve_scale(scale)
     steps = steps if steps is not None else cfg.eval_steps
@@ -274,6 +282,7 @@ def train_dino(
     num_pairs = num_pairs if num_pairs is not None else max(batch_size, cfg.num_images // 4)
     device = torch.device(device)
     out_dir = Path(out_dir)
+    make_deterministic(device)
     torch.manual_seed(seed)
     start = time.monotonic()
     view_a, view_b = instance_pairs(num_pairs, seed + 2, cfg.image_size, device)
@@ -287,7 +296,9 @@ def train_dino(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     view_a, view_b = view_a.to(device), view_b.to(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    for step, _ in time_budget(steps, seconds, "dino"):
+    plan = (record or PretrainRecord()).phase("dino", steps, seconds)
+    plan.check_data(view_a, view_b)
+    for step, _ in plan.steps(lambda: params):
         idx = torch.randint(len(view_a), (batch_size,), generator=gen).to(device)
         swap = torch.rand(batch_size, generator=gen).to(device) < 0.5  # B, which render is the first view
         a = torch.where(swap[:, None, None, None], view_b[idx], view_a[idx])
@@ -305,6 +316,7 @@ def train_dino(
         optimizer.zero_grad(set_to_none=True)
         if step % 500 == 0:
             logger.info("dino step %d loss %.4f", step, loss.item())
+    plan.finish(params)
     model.eval()
     _save_dino(model, out_dir, cfg.image_size)
     logger.info("saved DINO evaluator -> %s", out_dir)
@@ -343,16 +355,20 @@ def pretrain_world(
     device: str | torch.device = "cpu",
     steps: int | None = None,
     seed: int = 0,
+    record: PretrainRecord | None = None,
 ) -> dict[str, Path]:
     """Pretrain everything the world ships: the base pipeline, then the CLIP and DINO evaluators.
 
     Writes ``out_dir/base`` (StableDiffusionXLPipeline), ``out_dir/clip`` (CLIPModel + processor + tokenizer) and
-    ``out_dir/dino`` (ViTModel + image processor). Returns those three paths by name.
+    ``out_dir/dino`` (ViTModel + image processor). Returns those three paths by name. ``record`` collects (or
+    replays) the phases vae, base, clip and dino (``lora2.world.replay``).
     """
     out_dir = Path(out_dir)
     cfg = resolve_scale(scale)
+    record = record or PretrainRecord()
     data = world_data(cfg.num_images, seed, cfg.image_size, device)
-    paths = {"base": pretrain_base(out_dir / "base", steps=steps, device=device, scale=cfg, seed=seed, data=data)}
-    paths["clip"] = train_clip(out_dir / "clip", device=device, scale=cfg, seed=seed)  # renders all pairs
-    paths["dino"] = train_dino(out_dir / "dino", device=device, scale=cfg, seed=seed)
+    paths = {"base": pretrain_base(out_dir / "base", steps=steps, device=device, scale=cfg, seed=seed, data=data,
+                                   record=record)}  # fmt: skip
+    paths["clip"] = train_clip(out_dir / "clip", device=device, scale=cfg, seed=seed, record=record)  # all pairs
+    paths["dino"] = train_dino(out_dir / "dino", device=device, scale=cfg, seed=seed, record=record)
     return paths

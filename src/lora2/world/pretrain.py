@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline
-from tqdm.auto import tqdm
 
 from lora2.world import generator
+from lora2.world.replay import PretrainRecord, make_deterministic
 from lora2.world.tiny import build_tiny_sdxl
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ logger = logging.getLogger(__name__)
 class PretrainScale:
     """Sizes and budgets of one pretraining run (``SCALES`` holds the named ones).
 
-    Budgets are upper bounds: a phase stops at ``*_steps`` or when its wall-clock budget ``*_seconds`` is spent,
-    whichever comes first, and the model is saved as it is.
+    Budgets are upper bounds: a phase runs at most ``*_steps`` steps, as many as its wall-clock budget
+    ``*_seconds`` allows at the step rate measured over its first steps, and the count is recorded so that the run
+    can be replayed step for step (``lora2.world.replay``). ``base_warmup``: warm-up steps of the denoising phase.
     """
 
     image_size: int = 64
@@ -67,6 +68,7 @@ class PretrainScale:
     base_batch_size: int = 512
     base_lr: float = 5e-4
     base_seconds: float = 280.0
+    base_warmup: int = 500
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
     eval_steps: int = 6000
@@ -121,7 +123,21 @@ WORLD2_UNET = {
 
 SCALES: dict[str, PretrainScale] = {
     "full": PretrainScale(vae_config=FULL_VAE, unet_config=FULL_UNET, text_config=FULL_TEXT),
-    "world2": PretrainScale(image_size=128, vae_config=WORLD2_VAE, unet_config=WORLD2_UNET, text_config=FULL_TEXT),
+    # world2's budgets keep one whole pretraining (and each later replay of it) inside one 10-minute device call:
+    # the base's critical path (data, VAE, latents, UNet, save) runs beside the two evaluators on one GPU
+    "world2": PretrainScale(
+        image_size=128,
+        num_images=100_000,
+        vae_config=WORLD2_VAE,
+        unet_config=WORLD2_UNET,
+        text_config=FULL_TEXT,
+        vae_batch_size=64,
+        vae_seconds=140.0,
+        base_batch_size=256,
+        base_seconds=250.0,
+        base_warmup=100,
+        eval_seconds=100.0,
+    ),
     "tiny": PretrainScale(
         image_size=32,
         num_images=16,
@@ -177,21 +193,6 @@ def autocast_for(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def time_budget(steps: int, seconds: float, desc: str):
-    """Progress bar over at most ``steps`` steps that stops once ``seconds`` of wall clock have passed.
-
-    Yields ``(step, progress)``, progress in [0, 1] being the larger of the step and wall-clock fractions, so that a
-    learning-rate schedule reaches its end whichever budget ends the phase.
-    """
-    start = time.monotonic()
-    for step in tqdm(range(steps), desc=desc, mininterval=10.0):
-        elapsed = time.monotonic() - start
-        if elapsed > seconds:
-            logger.info("%s: wall-clock budget of %.0f s spent after %d steps", desc, seconds, step)
-            return
-        yield step, max(step / steps, elapsed / seconds)
-
-
 def warmup_cosine(step: int, progress: float, warmup: int, floor: float = 0.01) -> float:
     """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay over ``progress`` ∈ [0, 1]
     from 1 to ``floor`` (Loshchilov & Hutter 2017, SGDR eq. 5 without restarts)."""
@@ -213,17 +214,21 @@ def train_vae(
     kl_weight: float = 1e-6,
     seconds: float = math.inf,
     seed: int = 0,
+    record: PretrainRecord | None = None,
 ) -> float:
     """Train ``vae`` in place on uint8 ``images`` (N×3×H×W, on ``device``) and set its ``scaling_factor``.
 
     Loss: |x − x̂|₁ + |x − x̂|² + kl_weight · KL(q(z|x) ‖ N(0, I)), with x̂ decoded from a posterior sample.
+    At most ``steps`` steps within ``seconds`` (``lora2.world.replay``: the phase "vae" of ``record``).
     Returns the final reconstruction MSE on a held batch (in [-1, 1] units).
     """
     vae.to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     loss = torch.zeros(())
-    for step, progress in time_budget(steps, seconds, "vae"):
+    plan = (record or PretrainRecord()).phase("vae", steps, seconds)
+    plan.check_data(images)
+    for step, progress in plan.steps(vae.parameters):
         _set_lr(optimizer, lr * warmup_cosine(step, progress, warmup=100))
         idx = torch.randint(len(images), (batch_size,), generator=gen)
         x = to_unit_range(images[idx.to(images.device)].to(device))  # B×3×H×W
@@ -239,6 +244,7 @@ def train_vae(
         optimizer.zero_grad(set_to_none=True)
         if step % 500 == 0:
             logger.info("vae step %d loss %.4f", step, loss.item())
+    plan.finish(vae.parameters())
     vae.eval()
     with torch.no_grad(), autocast_for(device):
         x = to_unit_range(images[: min(len(images), 512)].to(device))
@@ -311,13 +317,16 @@ def train_base(
     image_size: int = 64,
     ema_decay: float = 0.999,
     seed: int = 0,
+    warmup_steps: int = 500,
+    record: PretrainRecord | None = None,
 ) -> float:
     """Train the UNet and both text encoders of ``pipe`` jointly, in place, with the min-SNR-γ ε-prediction loss.
 
     ε-prediction DDPM loss (Ho et al. 2020, eq. 14) on x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε with x₀ ~ q(z|x), weighted by
     min(SNR(t), γ) / SNR(t), SNR(t) = ᾱ_t / (1 − ᾱ_t) (Hang et al. 2023). The trained modules end holding the
-    exponential moving average of their weights (decay ``ema_decay``). Returns the mean loss over the last 100
-    steps (every tenth).
+    exponential moving average of their weights (decay ``ema_decay``). At most ``steps`` steps within ``seconds``
+    (``lora2.world.replay``: the phase "base" of ``record``), the learning rate warmed up over ``warmup_steps`` (at
+    most a twentieth of ``steps``). Returns the mean loss over the last 100 steps (every tenth).
     """
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
@@ -327,13 +336,15 @@ def train_base(
     params = [p for m in modules for p in m.to(device).train().parameters()]
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, fused=fused)
-    warmup = max(1, min(500, steps // 20))
+    warmup = max(1, min(warmup_steps, steps // 20))
     add_time_ids = time_ids(image_size, batch_size, device)
     ids_1, ids_2 = ids_1.to(latent_mean.device), ids_2.to(latent_mean.device)
     ema = [p.detach().clone() for p in params]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     recent: list[float] = []
-    for step, progress in time_budget(steps, seconds, "base"):
+    plan = (record or PretrainRecord()).phase("base", steps, seconds)
+    plan.check_data(latent_mean)
+    for step, progress in plan.steps(lambda: params):
         _set_lr(optimizer, lr * warmup_cosine(step, progress, warmup))
         idx = torch.randint(len(latent_mean), (batch_size,), generator=gen).to(latent_mean.device)
         x0 = latent_mean[idx] + latent_std[idx] * torch.randn_like(latent_std[idx])  # B×C×h×w
@@ -368,6 +379,7 @@ def train_base(
     with torch.no_grad():
         for param, average in zip(params, ema):
             param.copy_(average)
+    plan.finish(params)
     for module in modules:
         module.eval()
     return float(np.mean(recent)) if recent else float("nan")
@@ -408,6 +420,7 @@ def pretrain_base(
     seed: int = 0,
     data: tuple[torch.Tensor, list[str]] | None = None,
     init_from: str | Path | None = None,
+    record: PretrainRecord | None = None,
 ) -> Path:
     """Pretrain the world's SDXL-architecture base model and save it as a pipeline directory in ``out_dir``.
 
@@ -424,6 +437,8 @@ def pretrain_base(
         init_from: a saved base pipeline to continue from: its VAE is kept as it is (no VAE phase) and the UNet
             and text encoders train on with a fresh optimizer, warm-up and schedule, so that a run longer than one
             time budget can be split into several (the saved weights are the EMA of the previous run).
+        record: collects the phases' step counts and fingerprints, or replays a recorded run
+            (``lora2.world.replay``); the kernels are deterministic on a GPU either way.
     """
     cfg = resolve_scale(scale)
     cfg = replace(
@@ -433,16 +448,17 @@ def pretrain_base(
         base_seconds=seconds if seconds is not None else cfg.base_seconds,
     )
     device = torch.device(device)
+    record = record or PretrainRecord()
+    make_deterministic(device)
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
     start = time.monotonic()
     images, captions = data if data is not None else world_data(cfg.num_images, seed, cfg.image_size, device)
     logger.info("world data: %d images in %.1f s", len(images), time.monotonic() - start)
     images = images.to(device)
-    pipe = _pipeline_with_vae(cfg, images, device, seed, init_from)
+    pipe = _pipeline_with_vae(cfg, images, device, seed, init_from, record)
     latent_mean, latent_std = encode_latents(pipe.vae, images, device)
     del images
     ids_1 = tokenize(pipe.tokenizer, captions)  # N×L
@@ -462,6 +478,8 @@ def pretrain_base(
         seconds=cfg.base_seconds,
         image_size=cfg.image_size,
         seed=seed,
+        warmup_steps=cfg.base_warmup,
+        record=record,
     )
     logger.info("base: final loss %.4f after %.0f s in all", loss, time.monotonic() - start)
     path = save_pipeline(pipe, Path(out_dir))
@@ -471,7 +489,12 @@ def pretrain_base(
 
 
 def _pipeline_with_vae(
-    cfg: PretrainScale, images: torch.Tensor, device: torch.device, seed: int, init_from: str | Path | None
+    cfg: PretrainScale,
+    images: torch.Tensor,
+    device: torch.device,
+    seed: int,
+    init_from: str | Path | None,
+    record: PretrainRecord,
 ) -> StableDiffusionXLPipeline:
     """The pipeline whose UNet and text encoders pretraining trains: continued from ``init_from`` (VAE kept as it
     is), or initialised at random with its VAE trained first on ``images``."""
@@ -491,6 +514,7 @@ def _pipeline_with_vae(
         kl_weight=cfg.kl_weight,
         seconds=cfg.vae_seconds,
         seed=seed,
+        record=record,
     )
     return pipe
 
