@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # The second world (issue 19) on one GPU, in steps that each fit a 10-minute device call:
-#   pretrain  its base pipeline (VAE, then UNet + text encoders) and its own 128-px CLIP and DINO evaluators, with
-#             benchmarks/gpu_world_pretrain.sh at scale world2 (the first world's evaluators see 64 px and would blur
-#             the detail world2 is made of); skipped when $WORLD2 already holds base/, clip/ and dino/;
+#   pretrain  the first world's models grown to world2 (lora2.world.grow) and trained on at 128 px: UNet + text
+#             encoders, and beside them the CLIP and DINO evaluators (DINO with world2's detail siblings), with
+#             benchmarks/gpu_world_pretrain.sh at scale world2; skipped when $WORLD2 already holds base/, clip/, dino/;
 #   gate      the discrimination gate, benchmarks/world2_gate.py run (resumable: a call stopped by its time limit
 #             leaves finished cells in $GATE, and the next call on the same warm machine continues);
 #   compare   after the gate passed: benchmarks/world2_compare.py run in the gate's folder (resumable like the gate),
 #             then its analysis once every cell is in (world2_compare.json, world2_pareto.png into $OUT);
 #   all       pretrain and gate, under one budget.
 # Everything lives under /tmp on the device (WORLD2=/tmp/world2, GATE=/tmp/world2_gate): chain the calls while the
-# machine stays warm. What comes back in $OUT: base.tar.part-*, clip.tar, dino.tar, pretrain_record.json, logs.tgz
+# machine stays warm. What comes back in $OUT: base.tar.part-*, evaluators.tar, pretrain_record.json, logs.tgz
 # (pretrain, as gpu_world_pretrain.sh writes them; REPLAY=benchmarks/results/world2_pretrain.json SAMPLES=0 replays
 # the recorded pretraining instead, checked fingerprint by fingerprint), world2_gate.json and world2_gate_cells.json
 # once the gate's first ranks are confirmed, gate.log, gate.tgz (the bench folder, of the run folders only eval.json).
 #
 # usage (device, repository root, diffusers wheels in .whl/):
-#   OUT=... bash benchmarks/gpu_world2.sh pretrain
+#   OUT=... LIMIT=540 JOBS=16 bash benchmarks/gpu_world2.sh all     # pretrain (~8 min), then the gate in what is left
 #   OUT=... LIMIT=540 JOBS=16 bash benchmarks/gpu_world2.sh gate      # again until world2_gate.json comes back
 #   OUT=... LIMIT=540 JOBS=16 bash benchmarks/gpu_world2.sh compare   # again until world2_compare.json comes back
 # CPU smoke test of the same steps (tiny data, world2's architecture):

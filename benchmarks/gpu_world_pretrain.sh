@@ -8,11 +8,11 @@
 # Every phase's step count and fingerprints go to $OUT/pretrain_record.json (lora2.world.replay); REPLAY=<such a
 # record> replays that run step for step instead (the same weights on the same kind of GPU, or an error naming the
 # phase at its first differing fingerprint) and SAMPLES=0 leaves out the sample grid.
-# Results: $OUT/clip.tar, $OUT/dino.tar, the base as 15 MB parts $OUT/base.tar.part-*, $OUT/pretrain_record.json and
+# Results: $OUT/evaluators.tar (clip/, dino/), the base as 15 MB parts $OUT/base.tar.part-*, $OUT/pretrain_record.json and
 # $OUT/logs.tgz (logs, records and samples.png, a grid of 4 held-out prompts x 4 seeds).
 #
 # usage: OUT=/tmp/out [PARTS="base clip"] bash benchmarks/gpu_world_pretrain.sh [full|tiny] [cuda|cpu]
-# Unpack: cat $OUT/base.tar.part-* | tar -xf - -C src/lora2/world/assets; tar -xf $OUT/clip.tar -C src/lora2/world/assets
+# Unpack: cat $OUT/base.tar.part-* | tar -xf - -C src/lora2/world/assets; tar -xf $OUT/evaluators.tar -C src/lora2/world/assets
 set -uo pipefail
 SCALE=${1:-full}
 DEVICE=${2:-cuda}
@@ -75,16 +75,13 @@ fi
 python3 - "$WORK" "$SCALE" "$DEVICE" $PARTS >"$LOGS/evaluators.log" 2>&1 <<'PY' &
 import logging, os, sys
 from pathlib import Path
-from lora2.world.evaluators import train_clip, train_dino
+from lora2.world.evaluators import train_evaluators
 from lora2.world.replay import PretrainRecord
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-work, scale, device, parts = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+work, scale, device, parts = Path(sys.argv[1]), sys.argv[2], sys.argv[3], tuple(sys.argv[4:])
 record = PretrainRecord(os.environ.get("REPLAY") or None)
 try:
-    if "clip" in parts:
-        train_clip(work / "clip", device=device, scale=scale, record=record)
-    if "dino" in parts:
-        train_dino(work / "dino", device=device, scale=scale, record=record)
+    train_evaluators(work, scale, device, parts, record=record)
 finally:
     record.write(work / "logs" / "record_evaluators.json")
 PY
@@ -92,9 +89,9 @@ eval_pid=$!
 
 wait $eval_pid
 echo "evaluators exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOGS/env.log"
-for m in clip dino; do
-  [[ " $PARTS " == *" $m "* && -d "$WORK/$m" ]] && tar -C "$WORK" -cf "$OUT/$m.tar" "$m"
-done
+evaluators=()
+for m in clip dino; do [[ " $PARTS " == *" $m "* && -d "$WORK/$m" ]] && evaluators+=("$m"); done
+[ ${#evaluators[@]} -gt 0 ] && tar -C "$WORK" -cf "$OUT/evaluators.tar" "${evaluators[@]}"
 if [ -n "$base_pid" ]; then
   wait $base_pid
   echo "base exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOGS/env.log"

@@ -52,7 +52,7 @@ CONFIRM_SEEDS = (1, 2)
 LOW_RANKS = (4, 8)  # the gate's low rank: the first that passes, else the first
 HIGH_RANK = 64
 MIN_Z = 3.0  # the paired difference must reach this many standard errors
-MIN_SECONDS = 30.0  # a bench call with less time left than this is not started
+MIN_SECONDS = 150.0  # a bench call with less time left than this is not started (a cell trains for 2-3 minutes)
 GATE_KEYS = (
     "low_rank",
     "high_rank",
@@ -319,8 +319,8 @@ def write_results(out: Path, result: dict, verdict: bool, scores: Scores, best: 
 
 # ---------------------------------------------------------------------- describe
 def describe(seed: int = 0) -> dict:
-    """The world2 base model's numbers from its configuration (randomly initialised; nothing is trained) and its
-    subjects' levels and measured complexity."""
+    """The world2 base model's numbers from its configuration (the architecture the first world's base is grown to;
+    the weights play no part) and its subjects' levels and measured complexity."""
     from torch import nn
 
     from lora2.lora.config import DEFAULT_TARGETS, LoRA2Config

@@ -4,6 +4,7 @@ count, computes the same weights, and stops at the first fingerprint that differ
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -13,8 +14,11 @@ from lora2.world.evaluators import train_clip
 from lora2.world.replay import PROBE_STEPS, PretrainRecord, ReplayMismatch, fingerprint
 
 
-def _train(record: PretrainRecord, max_steps: int, seconds: float = float("inf"), lr: float = 0.1):
-    """A toy phase: a linear map fitted by SGD under the plan; returns the model and the progress values seen."""
+def _train(
+    record: PretrainRecord, max_steps: int, seconds: float = float("inf"), lr: float = 0.1, step_seconds: float = 0.0
+):
+    """A toy phase: a linear map fitted by SGD under the plan (each step at least ``step_seconds`` long); returns the
+    model and the progress values seen."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     data = torch.randn(64, 4)
@@ -23,6 +27,7 @@ def _train(record: PretrainRecord, max_steps: int, seconds: float = float("inf")
     progress = []
     for step, fraction in plan.steps(model.parameters):
         progress.append(fraction)
+        time.sleep(step_seconds)
         loss = model(data[step % 64 :][:8]).square().mean()
         loss.backward()
         with torch.no_grad():
@@ -58,6 +63,21 @@ def test_replay_takes_the_recorded_total_and_reproduces_the_weights(tmp_path):
     assert replay.phases["toy"]["total_steps"] == PROBE_STEPS
     assert fingerprint(again.parameters()) == fingerprint(model.parameters())
     assert replay.to_json()["replay_of"] == str(tmp_path / "record.json")
+
+
+def test_total_is_fixed_once_a_share_of_the_budget_is_spent_and_replays(tmp_path):
+    first = PretrainRecord()
+    model, progress = _train(first, 10**9, seconds=0.6, step_seconds=0.0005)
+    entry = first.phases["toy"]
+    fixed_at = entry["fixed_at_step"]
+    assert fixed_at > PROBE_STEPS  # 50 steps took less than FIX_FRACTION of the budget
+    assert entry["total_steps"] > fixed_at
+    assert progress[:fixed_at] == [0.0] * fixed_at and progress[fixed_at] == fixed_at / entry["total_steps"]
+    first.write(tmp_path / "record.json")
+    replay = PretrainRecord(tmp_path / "record.json")
+    again, replayed = _train(replay, 10**9)
+    assert replayed == progress
+    assert fingerprint(again.parameters()) == fingerprint(model.parameters())
 
 
 def test_replay_that_computes_otherwise_stops_at_the_probe(tmp_path):

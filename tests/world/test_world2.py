@@ -1,30 +1,35 @@
-"""The second world (issue 19): its base model's size and adapted layers from the configuration (nothing trained),
-its graded subjects, and the first world left as it was."""
+"""The second world (issue 19): its base model (the first world's grown, before any training), its graded subjects,
+and the first world left as it was."""
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from torch import nn
 
+import lora2.world
 from lora2.lora.config import LoRA2Config
 from lora2.world import world2
+from lora2.world.grow import WORLD2_DEPTHS
 from lora2.world.pretrain import FULL_UNET, SCALES, component_sizes, initial_pipeline
 from lora2.world.subjects import SUBJECTS, glyph_bitmap, render_subject
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILE = ROOT / "benchmarks" / "results" / "world2_config.json"
+ASSETS = Path(lora2.world.__file__).parent / "assets"
 
 
 @pytest.fixture(scope="module")
 def base():
     scale = SCALES["world2"]
-    pipe = initial_pipeline(scale)
+    pipe = initial_pipeline(scale)  # the architecture the first world's base is grown to
     return pipe, component_sizes(pipe, scale.image_size)
 
 
@@ -42,11 +47,13 @@ def _adapted(unet: nn.Module) -> dict[str, tuple[int, int]]:
     }
 
 
-def test_world2_base_is_under_20_mb_in_fp16_at_128_px(base):
+def test_world2_is_the_first_world_grown_to_128_px(base):
     pipe, sizes = base
-    assert sizes["fp16_bytes"] <= 20e6  # the committed-asset budget of issue 19
-    assert sizes["image_size"] == 128 and sizes["latent_shape"] == [4, 32, 32]
-    assert pipe.unet.config.sample_size == 32 and pipe.vae.config.sample_size == 128
+    scale = SCALES["world2"]
+    assert scale.grown and sizes["image_size"] == 128 and sizes["latent_shape"] == [4, 32, 32]
+    assert scale.unet_config == {**FULL_UNET, "transformer_layers_per_block": WORLD2_DEPTHS}
+    first = json.loads((ASSETS / "base" / "unet" / "config.json").read_text())
+    assert list(pipe.unet.config.block_out_channels) == first["block_out_channels"]
 
 
 def test_world2_unet_has_hundreds_of_adapted_layers_of_several_widths(base):
@@ -59,6 +66,18 @@ def test_world2_unet_has_hundreds_of_adapted_layers_of_several_widths(base):
     assert len(set(layers.values())) >= 4  # self- and cross-attention at two widths
     first_world = SCALES["full"].unet_config
     assert first_world == FULL_UNET and first_world["transformer_layers_per_block"] == (1, 1, 1)
+
+
+def test_world2_detail_survives_the_base_vae():
+    """Each subject's detail is drawn at a scale the VAE carries: its 128-px render on white comes back through the
+    first world's VAE (world2's) with at least ``VAE_MIN_PSNR``."""
+    vae = AutoencoderKL.from_pretrained(ASSETS / "base" / "vae", torch_dtype=torch.float32).eval()
+    renders = [np.asarray(render_subject(s, 128, radius=0.3, rotation=20.0)) for s in world2.SUBJECTS]
+    x = torch.from_numpy(np.stack(renders)).permute(0, 3, 1, 2).float() / 127.5 - 1  # N×3×128×128 in [-1, 1]
+    with torch.no_grad():
+        back = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    psnr = {s.name: 10 * math.log10(4 / float((a - b).square().mean())) for s, a, b in zip(world2.SUBJECTS, x, back)}
+    assert min(psnr.values()) >= world2.VAE_MIN_PSNR, psnr
 
 
 def test_committed_world2_numbers_are_what_the_code_gives(base, written):
@@ -118,3 +137,47 @@ def test_a_glyph_layer_without_text_is_one_clear_error():
 def test_first_world_subjects_carry_no_level():
     assert all(s.level == 0 for s in SUBJECTS)
     assert {s.name for s in SUBJECTS}.isdisjoint(s.name for s in world2.SUBJECTS)
+
+
+def test_detail_siblings_differ_in_exactly_one_detail():
+    for index in range(40):
+        rng = np.random.default_rng([5, index])
+        subject, slots = world2.detail_subject(rng)
+        sibling = world2.detail_sibling(subject, slots, rng)
+        assert 1 <= len(slots) <= 2 and len(sibling.layers) == len(subject.layers) == slots[-1][2]
+        changed = {i for i, (a, b) in enumerate(zip(subject.layers, sibling.layers)) if a != b}
+        assert changed, subject  # a sibling is never the same subject
+        assert any(changed <= set(range(first, end)) for _, first, end in slots)  # the body and one slot kept
+        texts = {layer.text for layer in (*subject.layers, *sibling.layers) if layer.text}
+        assert texts.isdisjoint(world2.EVALUATION_TEXTS)
+
+
+def test_detail_pairs_are_deterministic_and_siblings_adjacent():
+    view_a, view_b = world2.detail_pairs(3, seed=1, size=32)
+    assert view_a.shape == view_b.shape == (6, 3, 32, 32) and view_a.dtype == torch.uint8
+    again_a, again_b = world2.detail_pairs(3, seed=1, size=32, workers=2)
+    assert torch.equal(view_a, again_a) and torch.equal(view_b, again_b)
+    assert not torch.equal(view_a, view_b)  # two views of each instance
+    assert not torch.equal(world2.detail_pairs(3, seed=2, size=32)[0], view_a)
+
+
+def test_world2_dino_trains_on_detail_siblings_at_128_px(tmp_path):
+    from transformers import ViTModel
+
+    from lora2.world.evaluators import train_evaluators
+    from lora2.world.replay import PretrainRecord
+
+    record = PretrainRecord()
+    paths = train_evaluators(tmp_path, "world2-tiny", parts=("dino",), record=record)
+    assert set(paths) == {"dino"} and not (tmp_path / "clip").exists()
+    assert ViTModel.from_pretrained(paths["dino"]).config.image_size == 128
+    without = PretrainRecord()
+    train_evaluators(tmp_path / "plain", replace_scale("world2-tiny", detail_families=0), parts=("dino",),
+                     record=without)  # fmt: skip
+    assert record.phases["dino"]["data_fingerprint"] != without.phases["dino"]["data_fingerprint"]
+
+
+def replace_scale(name: str, **changes):
+    from dataclasses import replace
+
+    return replace(SCALES[name], **changes)

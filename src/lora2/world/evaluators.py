@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,7 +41,8 @@ from transformers import (
     ViTModel,
 )
 
-from lora2.world import generator
+from lora2.world import ASSETS_DIR, generator
+from lora2.world.grow import grow_clip, grow_dino
 from lora2.world.pretrain import (
     PretrainScale,
     autocast_for,
@@ -49,6 +53,7 @@ from lora2.world.pretrain import (
 )
 from lora2.world.replay import PretrainRecord, make_deterministic
 from lora2.world.tokenizer import build_tokenizer
+from lora2.world.world2 import detail_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +141,28 @@ def _save_dino(model: ViTModel, out_dir: Path, image_size: int) -> Path:
     return out_dir
 
 
+def _starting_clip(cfg: PretrainScale, out_dir: Path) -> tuple[CLIPModel, object]:
+    """The CLIP model and tokenizer training starts from: the first world's grown to the scale's image size for a
+    grown scale (``lora2.world.grow``), else a new model (and the world tokenizer, written into ``out_dir``)."""
+    if cfg.grown:
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = grow_clip(ASSETS_DIR / "clip", Path(scratch) / "clip", cfg.image_size)
+            tokenizer = CLIPProcessor.from_pretrained(folder).tokenizer
+            return CLIPModel.from_pretrained(folder, torch_dtype=torch.float32), tokenizer
+    tokenizer = build_tokenizer(out_dir)
+    return build_clip(tokenizer, cfg.image_size, cfg.evaluator_size), tokenizer
+
+
+def _starting_dino(cfg: PretrainScale) -> ViTModel:
+    """The DINO model training starts from: the first world's grown to the scale's image size for a grown scale,
+    else a new model."""
+    if cfg.grown:
+        with tempfile.TemporaryDirectory() as scratch:
+            return ViTModel.from_pretrained(grow_dino(ASSETS_DIR / "dino", Path(scratch) / "dino", cfg.image_size),
+                                            torch_dtype=torch.float32)  # fmt: skip
+    return build_dino(cfg.image_size, cfg.evaluator_size)
+
+
 def train_clip(
     out_dir: Path,
     steps: int | None = None,
@@ -165,12 +192,12 @@ def train_clip(
     if data is None:  # an evaluator sees every (shape, colour) pair, the held-out ones of the base model too
         data = world_data(cfg.num_images, seed + 1, cfg.image_size, device, held_out="include")
     images, captions = data
-    tokenizer = build_tokenizer(out_dir)
+    model, tokenizer = _starting_clip(cfg, out_dir)
     ids = tokenize(tokenizer, captions)  # N×77
     # Causal text tower, pooled at the first <|endoftext|>: padding after it changes nothing, so cut it off.
     longest = int((ids != tokenizer.pad_token_id).sum(dim=1).max()) + 1
     input_ids = ids[:, :longest].to(device)  # N×L
-    model = build_clip(tokenizer, cfg.image_size, cfg.evaluator_size).to(device).train()
+    model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     warmup = max(1, min(300, steps // 20))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
@@ -268,12 +295,17 @@ def train_dino(
     num_pairs: int | None = None,
     lr: float = 5e-4,
     record: PretrainRecord | None = None,
+    details: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Path:
     """Train the DINO-style ViT by instance discrimination on world objects; save it (with processor) to ``out_dir``.
 
     The similarity used downstream is the cosine of ``last_hidden_state[:, 0]`` (the CLS token after the final
     layer norm), as in the DreamBooth DINO metric; the SimCLR projection head used in training is discarded.
     At most ``steps`` steps within ``seconds``: the phase "dino" of ``record`` (``lora2.world.replay``).
+
+    With ``PretrainScale.detail_families`` (the second world), half of every batch are second-world detail subjects
+    and their siblings (``lora2.world.world2.detail_pairs``; rendered here unless ``details`` holds them), a
+    subject and its sibling in the same batch, so that each is the other's hardest negative.
     """
     cfg = resolve_scale(scale)
     steps = steps if steps is not None else cfg.eval_steps
@@ -287,7 +319,7 @@ def train_dino(
     start = time.monotonic()
     view_a, view_b = instance_pairs(num_pairs, seed + 2, cfg.image_size, device)
     logger.info("dino data: %d pairs in %.1f s", num_pairs, time.monotonic() - start)
-    model = build_dino(cfg.image_size, cfg.evaluator_size).to(device).train()
+    model = _starting_dino(cfg).to(device).train()
     hidden = model.config.hidden_size
     head = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, 128)).to(device)
     params = [*model.parameters(), *head.parameters()]
@@ -295,14 +327,21 @@ def train_dino(
     warmup = max(1, min(300, steps // 20))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     view_a, view_b = view_a.to(device), view_b.to(device)
+    if details is None and cfg.detail_families:
+        details = detail_pairs(cfg.detail_families, seed + 3, cfg.image_size, workers=detail_workers())
+    details = () if details is None else tuple(d.to(device) for d in details)
+    siblings = batch_size // 4 if details else 0  # sibling pairs per batch: half the batch
     gen = torch.Generator(device="cpu").manual_seed(seed)
     plan = (record or PretrainRecord()).phase("dino", steps, seconds)
-    plan.check_data(view_a, view_b)
+    plan.check_data(view_a, view_b, *details)
     for step, _ in plan.steps(lambda: params):
-        idx = torch.randint(len(view_a), (batch_size,), generator=gen).to(device)
-        swap = torch.rand(batch_size, generator=gen).to(device) < 0.5  # B, which render is the first view
-        a = torch.where(swap[:, None, None, None], view_b[idx], view_a[idx])
-        b = torch.where(swap[:, None, None, None], view_a[idx], view_b[idx])
+        idx = torch.randint(len(view_a), (batch_size - 2 * siblings,), generator=gen)
+        a, b = _two_views(view_a, view_b, idx, gen)
+        if siblings:
+            family = torch.randint(len(details[0]) // 2, (siblings,), generator=gen)
+            pairs = torch.stack([2 * family, 2 * family + 1], dim=1).flatten()  # a subject, then its sibling
+            sibling_a, sibling_b = _two_views(*details, pairs, gen)
+            a, b = torch.cat([a, sibling_a]), torch.cat([b, sibling_b])  # B×3×H×W each
         a = random_resized_crop(normalize(a, IMAGENET_MEAN, IMAGENET_STD), gen)  # B×3×H×W
         b = random_resized_crop(normalize(b, IMAGENET_MEAN, IMAGENET_STD), gen)  # B×3×H×W
         with autocast_for(device):
@@ -321,6 +360,18 @@ def train_dino(
     _save_dino(model, out_dir, cfg.image_size)
     logger.info("saved DINO evaluator -> %s", out_dir)
     return out_dir
+
+
+def _two_views(first: torch.Tensor, second: torch.Tensor, idx: torch.Tensor, gen: torch.Generator):
+    """The two renders of the instances ``idx``, each pair in a random order (uint8 n×3×H×W each)."""
+    idx = idx.to(first.device)
+    swap = (torch.rand(len(idx), generator=gen) < 0.5).to(first.device)[:, None, None, None]  # which render is first
+    return torch.where(swap, second[idx], first[idx]), torch.where(swap, first[idx], second[idx])
+
+
+def detail_workers() -> int:
+    """Processes that render the detail pairs: the machine's cores but two (the GPU processes keep theirs)."""
+    return max(1, (os.cpu_count() or 1) - 2)
 
 
 @torch.no_grad()
@@ -349,6 +400,32 @@ def _features(out) -> torch.Tensor:
     return (out if isinstance(out, torch.Tensor) else out.pooler_output).float()
 
 
+def train_evaluators(
+    out_dir: Path,
+    scale: str | PretrainScale = "full",
+    device: str | torch.device = "cpu",
+    parts: tuple[str, ...] = ("clip", "dino"),
+    seed: int = 0,
+    record: PretrainRecord | None = None,
+) -> dict[str, Path]:
+    """Train the CLIP then the DINO evaluator into ``out_dir/clip`` and ``out_dir/dino`` (those of ``parts``); the
+    DINO evaluator's detail pairs (``PretrainScale.detail_families``) are rendered by worker processes while CLIP
+    trains. Returns the folders by name."""
+    cfg = resolve_scale(scale)
+    out_dir = Path(out_dir)
+    paths = {}
+    with ThreadPoolExecutor(1) as background:
+        details = None
+        if "dino" in parts and cfg.detail_families:
+            details = background.submit(detail_pairs, cfg.detail_families, seed + 3, cfg.image_size, detail_workers())
+        if "clip" in parts:  # an evaluator sees every (shape, colour) pair, the held-out ones of the base model too
+            paths["clip"] = train_clip(out_dir / "clip", device=device, scale=cfg, seed=seed, record=record)
+        if "dino" in parts:
+            paths["dino"] = train_dino(out_dir / "dino", device=device, scale=cfg, seed=seed, record=record,
+                                       details=None if details is None else details.result())  # fmt: skip
+    return paths
+
+
 def pretrain_world(
     out_dir: Path,
     scale: str | PretrainScale = "full",
@@ -369,6 +446,4 @@ def pretrain_world(
     data = world_data(cfg.num_images, seed, cfg.image_size, device)
     paths = {"base": pretrain_base(out_dir / "base", steps=steps, device=device, scale=cfg, seed=seed, data=data,
                                    record=record)}  # fmt: skip
-    paths["clip"] = train_clip(out_dir / "clip", device=device, scale=cfg, seed=seed, record=record)  # all pairs
-    paths["dino"] = train_dino(out_dir / "dino", device=device, scale=cfg, seed=seed, record=record)
-    return paths
+    return paths | train_evaluators(out_dir, cfg, device, seed=seed, record=record)

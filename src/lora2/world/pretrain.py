@@ -18,8 +18,8 @@ Three phases, each a plain diffusers / transformers model trained with its usual
 
 The pipeline skeleton (configs, tokenizers) is built by ``lora2.world.tiny.build_tiny_sdxl``; ``SCALES`` holds the
 component sizes of the committed model ("full"), of the CPU test ("tiny") and of the second world ("world2": 128 px,
-a three-level UNet with transformer depth 2 and 3, not pretrained yet; docs/WORLD.md, "Second world"; "world2-tiny"
-is its CPU smoke test).
+the first world's models grown by ``lora2.world.grow`` and trained on, with no VAE phase; docs/WORLD.md, "Second
+world"; "world2-tiny" is its CPU smoke test).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline
 
-from lora2.world import generator
+from lora2.world import ASSETS_DIR, generator
+from lora2.world.grow import WORLD2_DEPTHS, grow_base
 from lora2.world.replay import PretrainRecord, make_deterministic
 from lora2.world.tiny import build_tiny_sdxl
 
@@ -52,6 +53,10 @@ class PretrainScale:
     Budgets are upper bounds: a phase runs at most ``*_steps`` steps, as many as its wall-clock budget
     ``*_seconds`` allows at the step rate measured over its first steps, and the count is recorded so that the run
     can be replayed step for step (``lora2.world.replay``). ``base_warmup``: warm-up steps of the denoising phase.
+    ``grown``: pretraining starts from the first world's committed models grown to this scale (``lora2.world.grow``:
+    the UNet to ``unet_config``'s transformer depths, the evaluators to ``image_size``), the VAE kept as it is.
+    ``detail_families``: second-world detail subjects and their siblings in the DINO evaluator's data
+    (``lora2.world.world2.detail_pairs``).
     """
 
     image_size: int = 64
@@ -75,6 +80,8 @@ class PretrainScale:
     eval_batch_size: int = 512
     eval_seconds: float = 110.0
     evaluator_size: str = "full"
+    grown: bool = False
+    detail_families: int = 0
 
 
 FULL_VAE = {
@@ -108,35 +115,30 @@ FULL_TEXT = {
     "hidden_act": "gelu",
 }
 
-# The second world (issue 19): 128 px → 4×32×32 latents; SDXL's layout (no attention at the first level, deeper
-# transformers lower down: SDXL has depths 1/2/10 at widths 320/640/1280) at widths 32/64/96 and depths -/2/3, so
-# that LoRA meets layers of four shapes (64×64, 96×96, 128→64, 128→96) in 224 attention projections; the whole
-# base stays under 20 MB in fp16 (tests/world/test_world2.py).
-WORLD2_VAE = {**FULL_VAE, "block_out_channels": (48, 96, 96), "norm_num_groups": 16}
-WORLD2_UNET = {
-    **FULL_UNET,
-    "block_out_channels": (32, 64, 96),
-    "layers_per_block": 2,
-    "transformer_layers_per_block": (1, 2, 3),
-    "attention_head_dim": (1, 2, 3),
-}
+# The second world (issue 19): 128 px → 4×32×32 latents through the first world's VAE; the first world's UNet grown
+# to transformer depths -/4/4 (lora2.world.grow: SDXL's layout, no attention at the first level and deeper
+# transformers lower down, as SDXL's -/2/10 at widths 320/640/1280), so that LoRA meets 224 attention projections of
+# four shapes (96×96, 144×144, 128→96, 128→144).
+WORLD2_UNET = {**FULL_UNET, "transformer_layers_per_block": WORLD2_DEPTHS}
 
 SCALES: dict[str, PretrainScale] = {
     "full": PretrainScale(vae_config=FULL_VAE, unet_config=FULL_UNET, text_config=FULL_TEXT),
-    # world2's budgets keep one whole pretraining (and each later replay of it) inside one 10-minute device call:
-    # the base's critical path (data, VAE, latents, UNet, save) runs beside the two evaluators on one GPU
+    # world2 continues from the first world's models, grown (``grown``: no VAE phase); its budgets keep the whole
+    # pretraining, and each later replay of it, inside one 10-minute device call: the base (data, latents, UNet,
+    # save) runs beside the two evaluators on one GPU
     "world2": PretrainScale(
         image_size=128,
         num_images=100_000,
-        vae_config=WORLD2_VAE,
+        vae_config=FULL_VAE,
         unet_config=WORLD2_UNET,
         text_config=FULL_TEXT,
-        vae_batch_size=64,
-        vae_seconds=140.0,
-        base_batch_size=256,
-        base_seconds=250.0,
+        base_batch_size=1024,
+        base_lr=1e-3,
+        base_seconds=400.0,
         base_warmup=100,
-        eval_seconds=100.0,
+        eval_seconds=190.0,
+        grown=True,
+        detail_families=12_000,
     ),
     "tiny": PretrainScale(
         image_size=32,
@@ -156,7 +158,9 @@ SCALES: dict[str, PretrainScale] = {
 # world2's architecture at the CPU test's data, steps, batches and budgets: the smoke test of benchmarks/gpu_world2.sh
 _BUDGET_KEYS = ("num_images", "vae_steps", "vae_batch_size", "vae_seconds", "base_steps", "base_batch_size",
                 "base_seconds", "eval_steps", "eval_batch_size", "eval_seconds", "evaluator_size")  # fmt: skip
-SCALES["world2-tiny"] = replace(SCALES["world2"], **{key: getattr(SCALES["tiny"], key) for key in _BUDGET_KEYS})
+SCALES["world2-tiny"] = replace(
+    SCALES["world2"], **{key: getattr(SCALES["tiny"], key) for key in _BUDGET_KEYS}, detail_families=4
+)
 
 
 def world_data(
@@ -436,7 +440,8 @@ def pretrain_base(
         data: (uint8 N×3×H×W images, captions) to train on instead of ``world_data`` of the scale's size.
         init_from: a saved base pipeline to continue from: its VAE is kept as it is (no VAE phase) and the UNet
             and text encoders train on with a fresh optimizer, warm-up and schedule, so that a run longer than one
-            time budget can be split into several (the saved weights are the EMA of the previous run).
+            time budget can be split into several (the saved weights are the EMA of the previous run). A grown
+            scale (``PretrainScale.grown``) without it continues from the first world's base grown to the scale.
         record: collects the phases' step counts and fingerprints, or replays a recorded run
             (``lora2.world.replay``); the kernels are deterministic on a GPU either way.
     """
@@ -483,8 +488,8 @@ def pretrain_base(
     )
     logger.info("base: final loss %.4f after %.0f s in all", loss, time.monotonic() - start)
     path = save_pipeline(pipe, Path(out_dir))
-    if init_from is not None:
-        _keep_tokenizers(Path(init_from), path)
+    if init_from is not None or cfg.grown:
+        _keep_tokenizers(Path(init_from or ASSETS_DIR / "base"), path)
     return path
 
 
@@ -496,10 +501,15 @@ def _pipeline_with_vae(
     init_from: str | Path | None,
     record: PretrainRecord,
 ) -> StableDiffusionXLPipeline:
-    """The pipeline whose UNet and text encoders pretraining trains: continued from ``init_from`` (VAE kept as it
-    is), or initialised at random with its VAE trained first on ``images``."""
-    if init_from is not None:
-        pipe = StableDiffusionXLPipeline.from_pretrained(init_from, torch_dtype=torch.float32)
+    """The pipeline whose UNet and text encoders pretraining trains: continued from ``init_from`` or, for a grown
+    scale, from the first world's base grown to it (VAE kept as it is either way), or initialised at random with its
+    VAE trained first on ``images``."""
+    if init_from is not None or cfg.grown:
+        with tempfile.TemporaryDirectory() as scratch:
+            if init_from is None:
+                depths = tuple(cfg.unet_config["transformer_layers_per_block"])
+                init_from = grow_base(ASSETS_DIR / "base", Path(scratch) / "base", depths, seed)
+            pipe = StableDiffusionXLPipeline.from_pretrained(init_from, torch_dtype=torch.float32)
         pipe.vae.to(device).eval()
         logger.info("continuing from %s (VAE kept, scaling_factor %.4f)", init_from, pipe.vae.config.scaling_factor)
         return pipe

@@ -1,13 +1,15 @@
 """Reproducible pretraining: each phase's step count fixed once and recorded, so that the phase can be run again step
 for step (a replay) on another machine of the same kind and checked against the record as it goes.
 
-A phase (``PhasePlan``) is given at most ``max_steps`` and a wall-clock budget. Its first ``PROBE_STEPS`` steps
-measure the step rate; the phase's total is then fixed to what the budget allows (never more than ``max_steps``) and
-its schedule's progress is ``step / total`` from there on (0 during the probe), a function of the step count alone.
-The record (``PretrainRecord``) keeps, per phase, the total and SHA-256 fingerprints of the training data, of the
-weights after the probe and of the final weights. A replay takes the recorded total instead of measuring one and
-stops with ``ReplayMismatch`` at the first fingerprint that differs, at the probe if the machine computes otherwise,
-so a failed replay costs a minute, not the whole phase.
+A phase (``PhasePlan``) is given at most ``max_steps`` and a wall-clock budget. It measures its step rate until
+``FIX_FRACTION`` of the budget has passed (and at least ``PROBE_STEPS`` steps ran), so that the rate includes the
+load of whatever else shares the GPU; its total is then fixed to what the budget allows (never more than
+``max_steps``), and its schedule's progress is ``step / total`` from there on (0 before), a function of the step
+count alone. The record (``PretrainRecord``) keeps, per phase, the total, the step that fixed it and SHA-256
+fingerprints of the training data, of the weights after ``PROBE_STEPS`` steps and of the final weights. A replay
+takes the recorded total and step instead of measuring and stops with ``ReplayMismatch`` at the first fingerprint
+that differs, after ``PROBE_STEPS`` steps if the machine computes otherwise, so a failed replay costs a minute, not
+the whole phase.
 
 Bit-identical replays need deterministic kernels (``make_deterministic``): PyTorch's deterministic algorithms, cuDNN
 without autotuning, a fixed cuBLAS workspace, and the plain ("math") attention kernel, whose backward has no atomic
@@ -31,7 +33,8 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-PROBE_STEPS = 50  # steps that measure the rate before a phase's total is fixed (and the first fingerprint's step)
+PROBE_STEPS = 50  # the first fingerprint's step, and the fewest steps that measure the rate
+FIX_FRACTION = 0.15  # the share of a phase's budget spent measuring its rate before its total is fixed
 RATE_FROM = 10  # the rate is measured from this step on: the first steps pay for compilation and allocation
 DATA_STRIDE = 97  # the data fingerprint hashes every 97th image (enough to see a renderer that draws otherwise)
 
@@ -51,6 +54,7 @@ def make_deterministic(device: torch.device) -> None:
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # a safety net that costs a kernel per allocation
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.backends.cuda.enable_flash_sdp(False)
@@ -93,6 +97,7 @@ class PhasePlan:
         self.record, self.name, self.max_steps, self.seconds = record, name, max_steps, seconds
         self.reference = record.reference_phase(name)
         self.total = None if self.reference is None else int(self.reference["total_steps"])
+        self.fixed_at = None if self.reference is None else self.reference.get("fixed_at_step")
         self.entry: dict = {"max_steps": max_steps, "seconds_budget": seconds}
         record.phases[name] = self.entry
         self.start = time.monotonic()
@@ -102,7 +107,7 @@ class PhasePlan:
         self._check("data_fingerprint", data_fingerprint(*datasets), "its training data")
 
     def steps(self, weights: Callable[[], Iterable[torch.Tensor]]) -> Iterator[tuple[int, float]]:
-        """Yields ``(step, progress)``: progress 0 during the probe, then ``step / total``."""
+        """Yields ``(step, progress)``: progress 0 until the total is fixed, then ``step / total``."""
         bar = tqdm(total=self.total or self.max_steps, desc=self.name, mininterval=10.0)
         step, rate_start = 0, None
         while True:
@@ -110,26 +115,30 @@ class PhasePlan:
                 rate_start = time.monotonic()
             if step == PROBE_STEPS:
                 self._check("probe_fingerprint", fingerprint(weights()), f"its weights after {PROBE_STEPS} steps")
-                if self.total is None:
-                    self.total = self._fixed_total(rate_start)
-                    bar.total = self.total
+            if self.reference is None and self.fixed_at is None and step >= PROBE_STEPS and self._measured_enough():
+                self.fixed_at, self.total = step, self._fixed_total(step, rate_start)
+                bar.total = self.total
             if step >= (self.total or self.max_steps):
                 break
-            yield step, 0.0 if step < PROBE_STEPS else step / self.total
+            yield step, 0.0 if self.fixed_at is None or step < self.fixed_at else step / self.total
             step += 1
             bar.update()
         bar.close()
         self.entry["total_steps"] = step
+        self.entry["fixed_at_step"] = self.fixed_at
         self.entry["seconds"] = round(time.monotonic() - self.start, 1)
 
-    def _fixed_total(self, rate_start: float | None) -> int:
-        """The total the budget allows at the rate measured since step ``RATE_FROM``."""
+    def _measured_enough(self) -> bool:
+        return math.isinf(self.seconds) or time.monotonic() - self.start >= FIX_FRACTION * self.seconds
+
+    def _fixed_total(self, step: int, rate_start: float) -> int:
+        """The total the budget allows at the rate measured from step ``RATE_FROM`` to ``step``."""
         if math.isinf(self.seconds):
             return self.max_steps
         now = time.monotonic()
-        rate = (PROBE_STEPS - RATE_FROM) / max(now - rate_start, 1e-9)  # steps per second
-        total = min(self.max_steps, PROBE_STEPS + int(rate * max(0.0, self.seconds - (now - self.start))))
-        logger.info("%s: %.2f steps/s after %d steps -> %d steps in all", self.name, rate, PROBE_STEPS, total)
+        rate = (step - RATE_FROM) / max(now - rate_start, 1e-9)  # steps per second
+        total = max(step, min(self.max_steps, step + int(rate * max(0.0, self.seconds - (now - self.start)))))
+        logger.info("%s: %.2f steps/s over %d steps -> %d steps in all", self.name, rate, step, total)
         return total
 
     def finish(self, weights: Iterable[torch.Tensor]) -> None:

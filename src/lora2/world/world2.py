@@ -2,34 +2,46 @@
 
 The first world's subjects are learned as well by rank 8 as by rank 512. These are drawn with the same renderer
 (``lora2.world.subjects``) and the same classes, prompts and backgrounds, at a resolution (``SCALES["world2"]``,
-128 px) that keeps detail a low-rank update is expected to miss. Levels, two subjects each:
+128 px) that holds detail a low-rank update is expected to miss. Levels, two subjects each:
 
 1. one flat shape;
-2. strings of glyphs (``subjects.glyph_bitmap``: an invented 5×3 script) on plaques;
-3. a fine high-frequency surface (stripes or checks of a few pixels' period);
-4. many parts: twenty to forty beads of several colours;
-5. all of it: fine patterns, many parts and glyph strings together.
+2. short strings of glyphs (``subjects.glyph_bitmap``: an invented 5×3 script) on plaques;
+3. a striped or checkered surface;
+4. many parts: twenty-five or twenty-six beads of several colours;
+5. all of it: patterns, many parts and a glyph string together.
+
+The detail is drawn at the scale the base model's VAE (the first world's, f = 4) carries through its latents: glyph
+cells and stripes of about 4 px or more at the instance images' typical size (the first version's 2-px glyph cells
+and 3-px pinstripes came back from the VAE as blurs, docs/WORLD.md). ``VAE_MIN_PSNR`` is the round-trip PSNR each
+subject keeps (tests/world/test_world2.py).
 
 Every subject also records the first world's measured complexity, ``png_bits_per_pixel`` (PNG bits per pixel of its
 render at 128 px), here averaged over the rotations ``PNG_ROTATIONS``: upright, axis-aligned glyph blocks compress
 far better than the same glyphs turned as the instance images turn them (±35°). Its mean grows with the level
 (tests/world/test_world2.py); it is the complexity the discrimination gate correlates with
-(benchmarks/world2_gate.py). The levels follow it: glyph strings measure below fine patterns, so they come first.
+(benchmarks/world2_gate.py).
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from lora2.world.subjects import DATASET_VERSION as WORLD_DATASET_VERSION
-from lora2.world.subjects import Layer, Subject, write_subjects
+import numpy as np
+import torch
 
-WORLD2_SUBJECTS_VERSION = "1"
+from lora2.world import generator
+from lora2.world.subjects import DATASET_VERSION as WORLD_DATASET_VERSION
+from lora2.world.subjects import PALETTE, Layer, Subject, render_subject, write_subjects
+
+WORLD2_SUBJECTS_VERSION = "2"
 # Changes whenever any image could change: the first world's generator and renderer, or this set.
 DATASET_VERSION = f"{WORLD_DATASET_VERSION}.w2.{WORLD2_SUBJECTS_VERSION}"
 PNG_ROTATIONS = (0.0, 15.0, 30.0)
 IMAGE_SIZE = 256  # instance images: twice the training resolution, as the first world's 128 px for 64 px
+VAE_MIN_PSNR = 24.0  # dB: each subject's render at 128 px on white, through the base's VAE and back
 
 
 def _ring_of(count: int, radius: float, size: float, colors: tuple[str, ...], phase: float = 0.0) -> tuple:
@@ -66,84 +78,82 @@ SUBJECTS: tuple[Subject, ...] = (
     Subject(
         "glyph_plaque",
         "square",
-        "a navy square holding two cream plaques with the glyph strings K7Q2X and PLUM8 in navy",
+        "a navy square holding a cream plaque with the glyph string K7Q in navy",
         (
             Layer("square", "navy"),
-            Layer("square", "cream", (0.86, 0.3), (0.0, 0.36), pattern="glyphs", color2="navy", text="K7Q2X"),
-            Layer("square", "cream", (0.86, 0.3), (0.0, -0.36), pattern="glyphs", color2="navy", text="PLUM8"),
+            Layer("square", "cream", (0.84, 0.46), pattern="glyphs", color2="navy", text="K7Q"),
         ),
         level=2,
     ),
     Subject(
         "label_heart",
         "heart",
-        "a coral heart with two white labels carrying the glyph strings 3MB9 and ZEN in plum",
+        "a coral heart with two white labels carrying the glyph strings 3M and ZE in plum",
         (
             Layer("heart", "coral"),
-            Layer("square", "white", (0.62, 0.24), (0.0, 0.2), pattern="glyphs", color2="plum", text="3MB9"),
-            Layer("square", "white", (0.48, 0.24), (0.0, -0.22), pattern="glyphs", color2="plum", text="ZEN"),
+            Layer("square", "white", (0.56, 0.34), (0.0, 0.22), pattern="glyphs", color2="plum", text="3M"),
+            Layer("square", "white", (0.46, 0.3), (0.0, -0.34), pattern="glyphs", color2="plum", text="ZE"),
         ),
         level=2,
     ),
     Subject(
         "pinstripe_circle",
         "circle",
-        "a navy circle whose inner disc has fine cream pinstripes at 30 degrees",
+        "a navy circle whose inner disc has cream pinstripes at 30 degrees",
         (
             Layer("circle", "navy"),
-            Layer("circle", "navy", (0.5, 0.5), rotation=30.0, pattern="striped", color2="cream", period=0.16),
+            Layer("circle", "navy", (0.72, 0.72), rotation=30.0, pattern="striped", color2="cream", period=0.3),
         ),
         level=3,
     ),
     Subject(
         "fine_check_diamond",
         "diamond",
-        "a maroon diamond with an inner diamond in a fine maroon and mint checkerboard",
+        "a maroon diamond with an inner diamond in a maroon and mint checkerboard",
         (
             Layer("diamond", "maroon"),
-            Layer("diamond", "maroon", (0.62, 0.62), pattern="checkered", color2="mint", period=0.2),
+            Layer("diamond", "maroon", (0.72, 0.72), pattern="checkered", color2="mint", period=0.42),
         ),
         level=3,
     ),
     Subject(
         "bead_circle",
         "circle",
-        "a cream circle with twenty-four beads in two rings and a spiral of six, in six colours",
+        "a cream circle with twenty-two beads in two rings and a spiral of five, in six colours",
         (Layer("circle", "cream"),)
-        + _ring_of(14, 0.8, 0.12, ("magenta", "teal", "gold"))
-        + _ring_of(10, 0.52, 0.1, ("navy", "lime"), phase=math.pi / 10)
-        + _spiral(6, 0.26, 0.08, ("rust", "sky")),
+        + _ring_of(12, 0.78, 0.14, ("magenta", "teal", "gold"))
+        + _ring_of(8, 0.47, 0.13, ("navy", "lime"), phase=math.pi / 8)
+        + _spiral(5, 0.2, 0.1, ("rust", "sky")),
         level=4,
     ),
     Subject(
         "confetti_square",
         "square",
-        "a slate square strewn with forty beads of five colours on a sunflower spiral",
-        (Layer("square", "slate"),) + _spiral(40, 0.86, 0.1, ("salmon", "lime", "cream", "magenta", "gold")),
+        "a slate square strewn with twenty-six beads of five colours on a sunflower spiral",
+        (Layer("square", "slate"),) + _spiral(26, 0.86, 0.13, ("salmon", "lime", "cream", "magenta", "gold")),
         level=4,
     ),
     Subject(
         "circuit_hexagon",
         "hexagon",
-        "a slate hexagon in a fine mint grid with twelve beads, a plaque with the glyphs X4N7Q and a pinstriped bar",
+        "a slate hexagon in a mint grid with ten beads, a plaque with the glyphs X4N and a pinstriped bar",
         (
-            Layer("hexagon", "slate", pattern="grid", color2="mint", period=0.1),
-            *_ring_of(12, 0.72, 0.1, ("gold", "magenta", "sky")),
-            Layer("square", "cream", (0.56, 0.2), (0.0, 0.12), pattern="glyphs", color2="maroon", text="X4N7Q"),
-            Layer("square", "navy", (0.4, 0.1), (0.0, -0.22), pattern="striped", color2="lime", period=0.06),
+            Layer("hexagon", "slate", pattern="grid", color2="mint", period=0.3),
+            *_ring_of(10, 0.74, 0.12, ("gold", "magenta", "sky")),
+            Layer("square", "cream", (0.66, 0.3), (0.0, 0.14), pattern="glyphs", color2="maroon", text="X4N"),
+            Layer("square", "navy", (0.5, 0.14), (0.0, -0.32), pattern="striped", color2="lime", period=0.3),
         ),
         level=5,
     ),
     Subject(
         "mosaic_star",
         "star",
-        "an eight-pointed checkered star round a disc of fine rings, sixteen beads and the glyph strings 8TWZ and HC5",
+        "an eight-pointed checkered star round a disc of rings, twelve beads and the glyph string 8TW",
         (
-            Layer("star8", "plum", pattern="checkered", color2="cream", period=0.1),
-            Layer("circle", "navy", (0.52, 0.52), pattern="rings", color2="sky", period=0.08),
-            *_ring_of(16, 0.62, 0.06, ("gold", "lime", "salmon", "mint")),
-            Layer("square", "cream", (0.36, 0.11), (0.0, 0.13), pattern="glyphs", color2="maroon", text="8TWZ"),
-            Layer("square", "cream", (0.28, 0.11), (0.0, -0.13), pattern="glyphs", color2="navy", text="HC5"),
+            Layer("star8", "plum", pattern="checkered", color2="cream", period=0.3),
+            Layer("circle", "navy", (0.62, 0.62), pattern="rings", color2="sky", period=0.36),
+            *_ring_of(12, 0.74, 0.1, ("gold", "lime", "salmon", "mint")),
+            Layer("square", "cream", (0.6, 0.3), pattern="glyphs", color2="maroon", text="8TW"),
         ),
         level=5,
     ),
@@ -155,3 +165,112 @@ def write_world2_subjects(root: Path, size: int = IMAGE_SIZE, quality: int = 95)
     return write_subjects(
         root, size=size, quality=quality, subjects=SUBJECTS, version=DATASET_VERSION, png_rotations=PNG_ROTATIONS
     )
+
+
+# ---------------------------------------------------------------------- detail siblings (the DINO evaluator's data)
+# A subject of the second world's kinds, drawn at random, and its sibling: the same subject with one detail redrawn
+# (a glyph string, the beads' colours, or a pattern's kind or period). Instance discrimination over such pairs (the
+# sibling is the other's hardest negative) makes the DINO evaluator see the detail DreamBooth has to get right; an
+# evaluator trained on the first world's objects alone scores a subject and its sibling alike (docs/WORLD.md).
+GLYPH_ALPHABET = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"
+EVALUATION_TEXTS = frozenset(layer.text for subject in SUBJECTS for layer in subject.layers if layer.text)
+DETAIL_SHAPES = ("circle", "square", "hexagon", "diamond", "heart", "star8", "triangle")
+DETAIL_PATTERNS = ("striped", "checkered", "grid", "rings")
+DETAIL_PERIODS = (0.3, 0.36, 0.42)  # layer units: ≥ about 4 px at the instance images' typical size
+
+
+def _glyph_text(rng: np.random.Generator) -> str:
+    """Two or three glyphs, never one of the evaluation subjects' strings."""
+    while True:
+        text = "".join(rng.choice(list(GLYPH_ALPHABET), size=int(rng.integers(2, 4))))
+        if text not in EVALUATION_TEXTS:
+            return text
+
+
+def _colors(rng: np.random.Generator, count: int) -> tuple[str, ...]:
+    return tuple(str(c) for c in rng.choice(sorted(PALETTE), size=count, replace=False))
+
+
+def _detail(kind: str, slot: int, rng: np.random.Generator) -> tuple[Layer, ...]:
+    """The layers of one detail of ``kind`` in slot 0 (upper half) or 1 (lower half), its values drawn from ``rng``."""
+    y = 0.3 if slot == 0 else -0.3
+    if kind == "glyphs":
+        plaque, ink = _colors(rng, 2)
+        return (Layer("square", plaque, (0.7, 0.3), (0.0, y), pattern="glyphs", color2=ink, text=_glyph_text(rng)),)
+    if kind == "beads":
+        return _ring_of(int(rng.integers(8, 13)), 0.76, 0.12, _colors(rng, 3), phase=float(rng.uniform(0, math.pi)))
+    color, color2 = _colors(rng, 2)
+    pattern, period = str(rng.choice(DETAIL_PATTERNS)), float(rng.choice(DETAIL_PERIODS))
+    return (Layer("circle", color, (0.42, 0.42), (0.0, y), pattern=pattern, color2=color2, period=period),)
+
+
+Slot = tuple[str, int, int]  # a detail's kind and the range of its layers in the subject
+
+
+def detail_subject(rng: np.random.Generator) -> tuple[Subject, tuple[Slot, ...]]:
+    """A random subject of the second world's kinds (a shape of one colour carrying one or two details) and its
+    details' slots (kind, first layer, end layer), in slot order."""
+    kinds = tuple(str(k) for k in rng.choice(("glyphs", "beads", "pattern"), size=int(rng.integers(1, 3))))
+    layers = [Layer(str(rng.choice(DETAIL_SHAPES)), _colors(rng, 1)[0])]
+    slots = []
+    for slot, kind in enumerate(kinds):
+        detail = _detail(kind, slot, rng)
+        slots.append((kind, len(layers), len(layers) + len(detail)))
+        layers += detail
+    return Subject("detail", layers[0].shape, "a random detail subject", tuple(layers)), tuple(slots)
+
+
+def detail_sibling(subject: Subject, slots: tuple[Slot, ...], rng: np.random.Generator) -> Subject:
+    """``subject`` with the detail of one of its ``slots`` (drawn from ``rng``) redrawn, everything else kept: a
+    glyph string, the beads' colours (same beads), or a patterned disc."""
+    slot = int(rng.integers(len(slots)))
+    kind, first, end = slots[slot]
+    if kind == "beads":
+        colors = _colors(rng, 3)
+        beads = subject.layers[first:end]
+        redrawn = tuple(Layer(b.shape, colors[i % 3], b.scale, b.offset) for i, b in enumerate(beads))
+    else:
+        redrawn = _detail(kind, slot, rng)
+    layers = subject.layers[:first] + redrawn + subject.layers[end:]
+    return Subject(subject.name, subject.class_name, subject.description, layers)
+
+
+def _random_view(rng: np.random.Generator) -> dict:
+    """A view as the instance images vary them: size, position, rotation and a world background."""
+    radius = float(rng.uniform(0.26, 0.4))
+    margin = radius + 0.03
+    return {
+        "x": float(rng.uniform(margin, 1 - margin)),
+        "y": float(rng.uniform(margin, 1 - margin)),
+        "radius": radius,
+        "rotation": float(rng.uniform(-35.0, 35.0)),
+        "background": str(rng.choice(generator.BACKGROUNDS)),
+        "bg_shift": float(rng.random()),
+    }
+
+
+def _render_sibling_pair(args: tuple[int, int, int]) -> np.ndarray:
+    """Family ``index`` of ``seed``: a subject and its sibling, two views each: uint8 2×2×H×W×3 (sibling, view)."""
+    seed, index, size = args
+    torch.set_num_threads(1)
+    rng = np.random.default_rng([seed, index])
+    subject, slots = detail_subject(rng)
+    sibling = detail_sibling(subject, slots, rng)
+    return np.stack([
+        np.stack([np.asarray(render_subject(s, size, **_random_view(rng))) for _ in range(2)])
+        for s in (subject, sibling)
+    ])  # fmt: skip
+
+
+def detail_pairs(families: int, seed: int, size: int, workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two views (uint8 N×3×H×W each, N = 2·``families``) of ``families`` subjects and their siblings; rows 2k and
+    2k + 1 are siblings. Deterministic in (``seed``, family index), whatever ``workers`` render them."""
+    jobs = [(seed, index, size) for index in range(families)]
+    if workers > 1:  # spawned, not forked: the caller may hold a GPU context (and run this in a thread)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rendered = list(pool.map(_render_sibling_pair, jobs, chunksize=64))
+    else:
+        rendered = [_render_sibling_pair(job) for job in jobs]
+    views = torch.from_numpy(np.stack(rendered))  # F×2×2×H×W×3
+    views = views.reshape(2 * families, 2, size, size, 3).permute(1, 0, 4, 2, 3).contiguous()  # 2×N×3×H×W
+    return views[0], views[1]

@@ -1,0 +1,139 @@
+"""Checks of the second world's parts that need no GPU: does a VAE carry the subjects' detail, and does a DINO
+evaluator see it?
+
+* ``vae``: each subject rendered at 128 px on white (radius 0.3, turned 20°) through a VAE and back (posterior mean),
+  PSNR in dB over the image (signal range 2, images in [-1, 1]).
+* ``dino``: for each subject, the mean cosine (the DINO metric's CLS embedding) between four of its instance views
+  ("same"), between those and four views of the subject with its detail altered ("altered": glyph strings
+  reversed, or a character added to a palindrome; small beads' colours rotated; stripe, check, grid and ring periods
+  ×1.6), and to the other subjects' views ("others"). An evaluator that sees the detail scores "altered" well below
+  "same"; one that is blind to it scores them alike.
+
+``--subjects FILE`` takes the subject set from a Python file that defines ``SUBJECTS`` (an earlier version of
+``src/lora2/world/world2.py``, e.g. from ``git show``); the default is the current one. Results go to stdout and,
+with ``--json``, into a file (merged under ``--label``).
+
+usage:
+    python benchmarks/world2_checks.py vae --vae DIR [--subjects FILE] [--json F --label L]
+    python benchmarks/world2_checks.py dino --dino DIR [--subjects FILE] [--json F --label L]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lora2.world import world2
+from lora2.world.subjects import Subject, instance_views, render_subject
+
+ALTERED_COLORS = {"magenta": "teal", "teal": "gold", "gold": "magenta", "navy": "lime", "lime": "navy", "rust": "sky",
+                  "sky": "rust", "salmon": "lime", "cream": "magenta", "mint": "gold"}  # fmt: skip
+PERIODIC = ("striped", "checkered", "grid", "rings")
+
+
+def load_subjects(path: str | None) -> tuple[Subject, ...]:
+    """``SUBJECTS`` of a Python file, or the current second-world set."""
+    if path is None:
+        return world2.SUBJECTS
+    spec = importlib.util.spec_from_file_location("subjects_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SUBJECTS
+
+
+def vae_psnr(vae_dir: str, subjects: tuple[Subject, ...]) -> dict[str, float]:
+    """Round-trip PSNR (dB) of each subject's 128-px render through the VAE in ``vae_dir``."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
+    renders = [np.asarray(render_subject(s, 128, radius=0.3, rotation=20.0)) for s in subjects]
+    x = torch.from_numpy(np.stack(renders)).permute(0, 3, 1, 2).float() / 127.5 - 1  # N×3×128×128
+    with torch.no_grad():
+        back = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    mse = {s.name: float((a - b).square().mean()) for s, a, b in zip(subjects, x, back)}
+    return {name: round(10 * math.log10(4 / error), 2) for name, error in mse.items()}
+
+
+def altered(subject: Subject) -> Subject:
+    """``subject`` with its detail changed (see the module docstring); its body and layout kept."""
+    layers = []
+    for layer in subject.layers:
+        if layer.pattern == "glyphs":
+            text = layer.text[::-1] if layer.text[::-1] != layer.text else layer.text + "Z"
+            layer = replace(layer, text=text)
+        elif layer.shape == "circle" and layer.scale[0] < 0.2:  # a bead
+            layer = replace(layer, color=ALTERED_COLORS.get(layer.color, layer.color))
+        elif layer.pattern in PERIODIC:
+            layer = replace(layer, period=layer.period * 1.6)
+        layers.append(layer)
+    return replace(subject, layers=tuple(layers))
+
+
+def dino_probe(dino_dir: str, subjects: tuple[Subject, ...], views: int = 4) -> dict[str, dict[str, float]]:
+    """Mean cosine similarities "same", "altered" and "others" of each subject (module docstring)."""
+    from transformers import ViTImageProcessor, ViTModel
+
+    from lora2.world.evaluators import dino_embed
+
+    model = ViTModel.from_pretrained(dino_dir).eval()
+    processor = ViTImageProcessor.from_pretrained(dino_dir)
+
+    def embed(subject: Subject, index: int) -> torch.Tensor:
+        return dino_embed(model, processor, [render_subject(subject, 128, **v) for v in instance_views(index, views)])
+
+    own = {s.name: embed(s, i) for i, s in enumerate(subjects)}
+    result = {}
+    for i, subject in enumerate(subjects):
+        a = own[subject.name]
+        b = embed(altered(subject), i + 100)  # other views than the subject's own
+        off_diagonal = ~torch.eye(len(a), dtype=torch.bool)
+        others = [(a @ own[n].T).mean().item() for n in own if n != subject.name]
+        result[subject.name] = {"same": round((a @ a.T)[off_diagonal].mean().item(), 4),
+                                "altered": round((a @ b.T).mean().item(), 4),
+                                "others": round(float(np.mean(others)), 4)}  # fmt: skip
+    detailed = [r for s, r in zip(subjects, result.values()) if s.level > 1]
+    result["mean_over_detailed"] = {k: round(float(np.mean([r[k] for r in detailed])), 4) for k in detailed[0]}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("check", choices=("vae", "dino"))
+    parser.add_argument("--vae", help="a VAE folder (AutoencoderKL)")
+    parser.add_argument("--dino", help="a DINO evaluator folder (ViTModel + processor)")
+    parser.add_argument("--subjects", help="a Python file defining SUBJECTS (default: the current world2 set)")
+    parser.add_argument("--json", help="merge the result into this file under --label")
+    parser.add_argument("--label", help="the result's key in --json")
+    args = parser.parse_args(argv)
+    if args.json and not args.label:
+        parser.error("--json needs --label")
+    subjects = load_subjects(args.subjects)
+    if args.check == "vae":
+        if not args.vae:
+            parser.error("vae needs --vae DIR")
+        result = vae_psnr(args.vae, subjects)
+    else:
+        if not args.dino:
+            parser.error("dino needs --dino DIR")
+        result = dino_probe(args.dino, subjects)
+    sys.stdout.write(json.dumps(result, indent=1) + "\n")
+    if args.json:
+        path = Path(args.json)
+        table = json.loads(path.read_text()) if path.is_file() else {}
+        table.setdefault(args.check, {})[args.label] = {"command": " ".join(["python benchmarks/world2_checks.py",
+                                                                              *(argv or sys.argv[1:])]),
+                                                        "result": result}  # fmt: skip
+        path.write_text(json.dumps(table, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
