@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Pretrain the world's models on one GPU: the base SDXL pipeline (VAE, then UNet + text encoders) in one process
-# and, beside it on the same GPU, the CLIP then the DINO evaluator in another. Each phase stops at its wall-clock
-# budget (PretrainScale.*_seconds) and saves. PARTS (default "base clip dino") picks the models to train.
+# and, beside it on the same GPU, the CLIP then the DINO evaluator in another (lora2.world.evaluators.train_evaluators;
+# world2's DINO detail pairs are rendered by worker processes meanwhile). Each phase runs the steps its wall-clock
+# budget (PretrainScale.*_seconds) allows at its measured rate, and saves. PARTS (default "base clip dino") picks the
+# models to train; a grown scale (world2) starts from the first world's committed models (lora2.world.grow).
 # INIT_FROM=<base pipeline folder> continues that base (UNet + text encoders, VAE kept) instead of starting anew;
 # BASE_SECONDS overrides the UNet phase's budget (e.g. 480 when no VAE phase runs); BASE_BATCH and BASE_LR its
 # batch size and peak learning rate.
 # Every phase's step count and fingerprints go to $OUT/pretrain_record.json (lora2.world.replay); REPLAY=<such a
 # record> replays that run step for step instead (the same weights on the same kind of GPU, or an error naming the
 # phase at its first differing fingerprint) and SAMPLES=0 leaves out the sample grid.
-# Results: $OUT/evaluators.tar (clip/, dino/), the base as 15 MB parts $OUT/base.tar.part-*, $OUT/pretrain_record.json and
-# $OUT/logs.tgz (logs, records and samples.png, a grid of 4 held-out prompts x 4 seeds).
+# Results: $OUT/evaluators.tar (clip/, dino/), the base as 15 MB parts $OUT/base.tar.part-*,
+# $OUT/pretrain_record.json and $OUT/logs.tgz (logs, records and samples.png, 4 held-out prompts x 4 seeds).
 #
-# usage: OUT=/tmp/out [PARTS="base clip"] bash benchmarks/gpu_world_pretrain.sh [full|tiny] [cuda|cpu]
-# Unpack: cat $OUT/base.tar.part-* | tar -xf - -C src/lora2/world/assets; tar -xf $OUT/evaluators.tar -C src/lora2/world/assets
+# usage: OUT=/tmp/out [PARTS="base clip"] bash benchmarks/gpu_world_pretrain.sh [full|tiny|world2|world2-tiny] [cuda|cpu]
+# Unpack: cat $OUT/base.tar.part-* | tar -xf - -C DEST; tar -xf $OUT/evaluators.tar -C DEST
 set -uo pipefail
 SCALE=${1:-full}
 DEVICE=${2:-cuda}

@@ -4,10 +4,12 @@ evaluator see it?
 * ``vae``: each subject rendered at 128 px on white (radius 0.3, turned 20°) through a VAE and back (posterior mean),
   PSNR in dB over the image (signal range 2, images in [-1, 1]).
 * ``dino``: for each subject, the mean cosine (the DINO metric's CLS embedding) between four of its instance views
-  ("same"), between those and four views of the subject with its detail altered ("altered": glyph strings
-  reversed, or a character added to a palindrome; small beads' colours rotated; stripe, check, grid and ring periods
-  ×1.6), and to the other subjects' views ("others"). An evaluator that sees the detail scores "altered" well below
-  "same"; one that is blind to it scores them alike.
+  and four other views of it ("same"), between the same four and those other four views of the subject with its
+  detail altered ("altered": glyph strings reversed, or a character added to a palindrome; small beads' colours
+  rotated; stripe, check, grid and ring periods ×1.6), and to the other subjects' views ("others"). "same" and
+  "altered" differ in the detail alone: an evaluator that sees it scores "altered" below "same"; one that is blind
+  to it scores them alike. "pose_matched" is the cosine between a view and the same view with the detail altered
+  (1 for an evaluator blind to the detail).
 
 ``--subjects FILE`` takes the subject set from a Python file that defines ``SUBJECTS`` (an earlier version of
 ``src/lora2/world/world2.py``, e.g. from ``git show``); the default is the current one. Results go to stdout and,
@@ -93,12 +95,14 @@ def dino_probe(dino_dir: str, subjects: tuple[Subject, ...], views: int = 4) -> 
     result = {}
     for i, subject in enumerate(subjects):
         a = own[subject.name]
-        b = embed(altered(subject), i + 100)  # other views than the subject's own
-        off_diagonal = ~torch.eye(len(a), dtype=torch.bool)
+        same = embed(subject, i + 100)  # other views of the subject
+        changed = embed(altered(subject), i + 100)  # the same other views, its detail altered
         others = [(a @ own[n].T).mean().item() for n in own if n != subject.name]
-        result[subject.name] = {"same": round((a @ a.T)[off_diagonal].mean().item(), 4),
-                                "altered": round((a @ b.T).mean().item(), 4),
-                                "others": round(float(np.mean(others)), 4)}  # fmt: skip
+        matched = embed(altered(subject), i)  # the subject's own views, its detail altered
+        result[subject.name] = {"same": round((a @ same.T).mean().item(), 4),
+                                "altered": round((a @ changed.T).mean().item(), 4),
+                                "others": round(float(np.mean(others)), 4),
+                                "pose_matched": round((a * matched).sum(dim=1).mean().item(), 4)}  # fmt: skip
     detailed = [r for s, r in zip(subjects, result.values()) if s.level > 1]
     result["mean_over_detailed"] = {k: round(float(np.mean([r[k] for r in detailed])), 4) for k in detailed[0]}
     return result

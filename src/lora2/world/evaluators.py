@@ -23,7 +23,6 @@ import math
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,7 +52,7 @@ from lora2.world.pretrain import (
 )
 from lora2.world.replay import PretrainRecord, make_deterministic
 from lora2.world.tokenizer import build_tokenizer
-from lora2.world.world2 import detail_pairs
+from lora2.world.world2 import detail_pairs, render_pool, stack_detail_pairs, submit_detail_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -303,9 +302,10 @@ def train_dino(
     layer norm), as in the DreamBooth DINO metric; the SimCLR projection head used in training is discarded.
     At most ``steps`` steps within ``seconds``: the phase "dino" of ``record`` (``lora2.world.replay``).
 
-    With ``PretrainScale.detail_families`` (the second world), half of every batch are second-world detail subjects
-    and their siblings (``lora2.world.world2.detail_pairs``; rendered here unless ``details`` holds them), a
-    subject and its sibling in the same batch, so that each is the other's hardest negative.
+    With ``PretrainScale.detail_families`` (the second world), ``PretrainScale.detail_share`` of every batch are
+    second-world detail subjects and their siblings (``lora2.world.world2.detail_pairs``; rendered here, in this
+    process, unless ``details`` holds them, as ``train_evaluators`` renders them in parallel), a subject and its
+    sibling in the same batch, so that each is the other's hardest negative.
     """
     cfg = resolve_scale(scale)
     steps = steps if steps is not None else cfg.eval_steps
@@ -327,10 +327,10 @@ def train_dino(
     warmup = max(1, min(300, steps // 20))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     view_a, view_b = view_a.to(device), view_b.to(device)
-    if details is None and cfg.detail_families:
-        details = detail_pairs(cfg.detail_families, seed + 3, cfg.image_size, workers=detail_workers())
+    if details is None and cfg.detail_families:  # in this process: forked workers must not inherit a GPU context
+        details = detail_pairs(cfg.detail_families, seed + 3, cfg.image_size)
     details = () if details is None else tuple(d.to(device) for d in details)
-    siblings = batch_size // 4 if details else 0  # sibling pairs per batch: half the batch
+    siblings = int(batch_size * cfg.detail_share) // 2 if details else 0  # sibling pairs per batch
     gen = torch.Generator(device="cpu").manual_seed(seed)
     plan = (record or PretrainRecord()).phase("dino", steps, seconds)
     plan.check_data(view_a, view_b, *details)
@@ -409,20 +409,21 @@ def train_evaluators(
     record: PretrainRecord | None = None,
 ) -> dict[str, Path]:
     """Train the CLIP then the DINO evaluator into ``out_dir/clip`` and ``out_dir/dino`` (those of ``parts``); the
-    DINO evaluator's detail pairs (``PretrainScale.detail_families``) are rendered by worker processes while CLIP
-    trains. Returns the folders by name."""
+    DINO evaluator's detail pairs (``PretrainScale.detail_families``) are rendered by worker processes, forked before
+    this process uses the GPU, while CLIP trains. Returns the folders by name."""
     cfg = resolve_scale(scale)
     out_dir = Path(out_dir)
+    render = "dino" in parts and cfg.detail_families > 0
+    workers = detail_workers() if render else 1
     paths = {}
-    with ThreadPoolExecutor(1) as background:
-        details = None
-        if "dino" in parts and cfg.detail_families:
-            details = background.submit(detail_pairs, cfg.detail_families, seed + 3, cfg.image_size, detail_workers())
+    with render_pool(workers) as pool:
+        rendered = submit_detail_pairs(cfg.detail_families, seed + 3, cfg.image_size, pool) if render else None
         if "clip" in parts:  # an evaluator sees every (shape, colour) pair, the held-out ones of the base model too
             paths["clip"] = train_clip(out_dir / "clip", device=device, scale=cfg, seed=seed, record=record)
         if "dino" in parts:
+            details = None if rendered is None else stack_detail_pairs(rendered)
             paths["dino"] = train_dino(out_dir / "dino", device=device, scale=cfg, seed=seed, record=record,
-                                       details=None if details is None else details.result())  # fmt: skip
+                                       details=details)  # fmt: skip
     return paths
 
 

@@ -56,7 +56,7 @@ class PretrainScale:
     ``grown``: pretraining starts from the first world's committed models grown to this scale (``lora2.world.grow``:
     the UNet to ``unet_config``'s transformer depths, the evaluators to ``image_size``), the VAE kept as it is.
     ``detail_families``: second-world detail subjects and their siblings in the DINO evaluator's data
-    (``lora2.world.world2.detail_pairs``).
+    (``lora2.world.world2.detail_pairs``), ``detail_share`` of each of its batches.
     """
 
     image_size: int = 64
@@ -82,6 +82,7 @@ class PretrainScale:
     evaluator_size: str = "full"
     grown: bool = False
     detail_families: int = 0
+    detail_share: float = 0.5
 
 
 FULL_VAE = {

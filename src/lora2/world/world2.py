@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -262,15 +264,34 @@ def _render_sibling_pair(args: tuple[int, int, int]) -> np.ndarray:
     ])  # fmt: skip
 
 
-def detail_pairs(families: int, seed: int, size: int, workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two views (uint8 N×3×H×W each, N = 2·``families``) of ``families`` subjects and their siblings; rows 2k and
-    2k + 1 are siblings. Deterministic in (``seed``, family index), whatever ``workers`` render them."""
+def submit_detail_pairs(families: int, seed: int, size: int, pool: Executor | None = None) -> Iterator[np.ndarray]:
+    """Start rendering ``families`` subjects and their siblings (two views each) in ``pool`` (in this process when
+    None); ``stack_detail_pairs`` waits for them. Each family is seeded by (``seed``, its index), so the result does
+    not depend on which worker renders it."""
     jobs = [(seed, index, size) for index in range(families)]
-    if workers > 1:  # spawned, not forked: the caller may hold a GPU context (and run this in a thread)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rendered = list(pool.map(_render_sibling_pair, jobs, chunksize=64))
-    else:
-        rendered = [_render_sibling_pair(job) for job in jobs]
-    views = torch.from_numpy(np.stack(rendered))  # F×2×2×H×W×3
+    if pool is None:
+        return map(_render_sibling_pair, jobs)
+    return pool.map(_render_sibling_pair, jobs, chunksize=64)  # submits every job now
+
+
+def stack_detail_pairs(rendered: Iterable[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two views (uint8 N×3×H×W each, N = 2 · families) of ``submit_detail_pairs``' renders; rows 2k and 2k + 1
+    are a subject and its sibling."""
+    views = torch.from_numpy(np.stack(list(rendered)))  # F×2×2×H×W×3 (family, sibling, view)
+    families, _, _, size = views.shape[:4]
     views = views.reshape(2 * families, 2, size, size, 3).permute(1, 0, 4, 2, 3).contiguous()  # 2×N×3×H×W
     return views[0], views[1]
+
+
+def render_pool(workers: int) -> AbstractContextManager[Executor | None]:
+    """``workers`` forked rendering processes (None, rendering in this process, for one): fork before this process
+    uses a GPU, whose context a child must not inherit; forked, the workers need no importable main module."""
+    if workers <= 1:
+        return nullcontext(None)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+
+
+def detail_pairs(families: int, seed: int, size: int, workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stack_detail_pairs(submit_detail_pairs(...))`` rendered by ``render_pool(workers)``."""
+    with render_pool(workers) as pool:
+        return stack_detail_pairs(submit_detail_pairs(families, seed, size, pool))
