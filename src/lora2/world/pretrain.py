@@ -140,6 +140,7 @@ SCALES: dict[str, PretrainScale] = {
         eval_seconds=190.0,
         grown=True,
         detail_families=12_000,
+        detail_share=1.0,  # docs/WORLD.md: all-sibling batches saw the detail better than half-sibling ones (CPU)
     ),
     "tiny": PretrainScale(
         image_size=32,
