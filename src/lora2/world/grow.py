@@ -1,8 +1,8 @@
 """The second world's starting models, grown from the first world's trained ones (issue 19).
 
-Pretrained from scratch in one 10-minute device call, the second world's base drew noise (docs/WORLD.md, "world2,
-first version"). Its starting point is therefore the first world's base and evaluators, which took about 20 minutes
-of GPU training, changed in ways that keep what they compute:
+Pretrained from scratch in one 10-minute device call, the second world's base drew noise (docs/WORLD.md, "First
+version: trained from scratch in one device call"). Its starting point is therefore the first world's base and
+evaluators, which took about 20 minutes of GPU training, changed in ways that keep what they compute:
 
 * the UNet gets deeper transformers (``WORLD2_DEPTHS``): every ``Transformer2DModel`` keeps its first
   ``BasicTransformerBlock`` and gains blocks whose residual branches end in zeros (``attn1.to_out``,

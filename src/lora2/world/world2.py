@@ -121,7 +121,7 @@ SUBJECTS: tuple[Subject, ...] = (
     Subject(
         "bead_circle",
         "circle",
-        "a cream circle with twenty-two beads in two rings and a spiral of five, in six colours",
+        "a cream circle with twenty beads in two rings and a spiral of five more, in seven colours",
         (Layer("circle", "cream"),)
         + _ring_of(12, 0.78, 0.14, ("magenta", "teal", "gold"))
         + _ring_of(8, 0.47, 0.13, ("navy", "lime"), phase=math.pi / 8)
@@ -172,8 +172,9 @@ def write_world2_subjects(root: Path, size: int = IMAGE_SIZE, quality: int = 95)
 # ---------------------------------------------------------------------- detail siblings (the DINO evaluator's data)
 # A subject of the second world's kinds, drawn at random, and its sibling: the same subject with one detail redrawn
 # (a glyph string, the beads' colours, or a pattern's kind or period). Instance discrimination over such pairs (the
-# sibling is the other's hardest negative) makes the DINO evaluator see the detail DreamBooth has to get right; an
-# evaluator trained on the first world's objects alone scores a subject and its sibling alike (docs/WORLD.md).
+# sibling is the other's hardest negative) is meant to make the DINO evaluator see the detail DreamBooth has to get
+# right; an evaluator trained on the first world's objects alone scores a subject and its sibling almost alike
+# (docs/WORLD.md, where the CPU check of this training is too).
 GLYPH_ALPHABET = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"
 EVALUATION_TEXTS = frozenset(layer.text for subject in SUBJECTS for layer in subject.layers if layer.text)
 DETAIL_SHAPES = ("circle", "square", "hexagon", "diamond", "heart", "star8", "triangle")
