@@ -316,9 +316,14 @@ def train_dino(
     out_dir = Path(out_dir)
     make_deterministic(device)
     torch.manual_seed(seed)
+    if details is None and cfg.detail_families:  # in this process: forked workers must not inherit a GPU context
+        details = detail_pairs(cfg.detail_families, seed + 3, cfg.image_size)
+    details = () if details is None else tuple(d.to(device) for d in details)
+    siblings = int(batch_size * cfg.detail_share) // 2 if details else 0  # sibling pairs per batch
+    objects = batch_size - 2 * siblings  # first-world objects per batch: none are rendered when there are none
     start = time.monotonic()
-    view_a, view_b = instance_pairs(num_pairs, seed + 2, cfg.image_size, device)
-    logger.info("dino data: %d pairs in %.1f s", num_pairs, time.monotonic() - start)
+    views = tuple(v.to(device) for v in instance_pairs(num_pairs, seed + 2, cfg.image_size, device)) if objects else ()
+    logger.info("dino data: %d object pairs in %.1f s", num_pairs if objects else 0, time.monotonic() - start)
     model = _starting_dino(cfg).to(device).train()
     hidden = model.config.hidden_size
     head = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, 128)).to(device)
@@ -326,22 +331,18 @@ def train_dino(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     warmup = max(1, min(300, steps // 20))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    view_a, view_b = view_a.to(device), view_b.to(device)
-    if details is None and cfg.detail_families:  # in this process: forked workers must not inherit a GPU context
-        details = detail_pairs(cfg.detail_families, seed + 3, cfg.image_size)
-    details = () if details is None else tuple(d.to(device) for d in details)
-    siblings = int(batch_size * cfg.detail_share) // 2 if details else 0  # sibling pairs per batch
     gen = torch.Generator(device="cpu").manual_seed(seed)
     plan = (record or PretrainRecord()).phase("dino", steps, seconds)
-    plan.check_data(view_a, view_b, *details)
+    plan.check_data(*views, *details)
     for step, _ in plan.steps(lambda: params):
-        idx = torch.randint(len(view_a), (batch_size - 2 * siblings,), generator=gen)
-        a, b = _two_views(view_a, view_b, idx, gen)
+        batch = []  # (first views, second views) of the batch's object pairs, then of its sibling pairs
+        if objects:
+            batch.append(_two_views(*views, torch.randint(len(views[0]), (objects,), generator=gen), gen))
         if siblings:
             family = torch.randint(len(details[0]) // 2, (siblings,), generator=gen)
             pairs = torch.stack([2 * family, 2 * family + 1], dim=1).flatten()  # a subject, then its sibling
-            sibling_a, sibling_b = _two_views(*details, pairs, gen)
-            a, b = torch.cat([a, sibling_a]), torch.cat([b, sibling_b])  # B×3×H×W each
+            batch.append(_two_views(*details, pairs, gen))
+        a, b = (torch.cat(side) for side in zip(*batch))  # B×3×H×W each
         a = random_resized_crop(normalize(a, IMAGENET_MEAN, IMAGENET_STD), gen)  # B×3×H×W
         b = random_resized_crop(normalize(b, IMAGENET_MEAN, IMAGENET_STD), gen)  # B×3×H×W
         with autocast_for(device):
