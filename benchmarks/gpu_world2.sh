@@ -7,12 +7,14 @@
 #             leaves finished cells in $GATE, and the next call on the same warm machine continues);
 #   compare   after the gate passed: benchmarks/world2_compare.py run in the gate's folder (resumable like the gate),
 #             then its analysis once every cell is in (world2_compare.json, world2_pareto.png into $OUT);
-#   all       pretrain and gate, under one budget.
+#   all       pretrain and gate, under one budget (after pretraining, benchmarks/world2_checks.py dino prints its
+#             mean over the detailed subjects).
 # Everything lives under /tmp on the device (WORLD2=/tmp/world2, GATE=/tmp/world2_gate): chain the calls while the
 # machine stays warm. What comes back in $OUT: base.tar.part-*, evaluators.tar, pretrain_record.json, logs.tgz
-# (pretrain, as gpu_world_pretrain.sh writes them; REPLAY=benchmarks/results/world2_pretrain.json SAMPLES=0 replays
-# the recorded pretraining instead, checked fingerprint by fingerprint), world2_gate.json and world2_gate_cells.json
-# once the gate's first ranks are confirmed, gate.log, gate.tgz (the bench folder, of the run folders only eval.json).
+# (pretrain, as gpu_world_pretrain.sh writes them; REPLAY=benchmarks/results/world2_v2_pretrain.json SAMPLES=0
+# replays the recorded pretraining instead, checked fingerprint by fingerprint), world2_gate.json and
+# world2_gate_cells.json once the gate's first ranks are confirmed (gate step only), gate.log, gate.tgz (the bench
+# folder, of the run folders only eval.json).
 #
 # usage (device, repository root, diffusers wheels in .whl/):
 #   OUT=... LIMIT=540 JOBS=16 bash benchmarks/gpu_world2.sh all     # pretrain (~8 min), then the gate in what is left
@@ -49,6 +51,8 @@ if [[ $step == pretrain || $step == all ]]; then
       "${DEVICE:-cuda}"
     echo "pretrain: $(($(date +%s) - start)) s"
   fi
+  # Does the DINO evaluator see the subjects' detail? ("altered" below "same", "pose_matched" below 1)
+  python3 benchmarks/world2_checks.py dino --dino "$world/dino" | tail -n 7
 fi
 
 if [[ $step == gate || $step == all ]]; then
@@ -57,7 +61,10 @@ if [[ $step == gate || $step == all ]]; then
   python3 benchmarks/world2_gate.py run --world "$world" --out "$gate" --parallel "${JOBS:-16}" \
     --time-limit "$left" ${GATE_ARGS:-} >>"$out/gate.log" 2>&1
   echo "gate exit $? after $(($(date +%s) - start)) s"
-  for f in world2_gate.json world2_gate_cells.json; do [ -f "$gate/$f" ] && cp "$gate/$f" "$out/"; done
+  # after a pretraining the models fill 6 of the 8 files a call brings back: the gate files wait for the next call
+  if [[ $step == gate ]]; then
+    for f in world2_gate.json world2_gate_cells.json; do [ -f "$gate/$f" ] && cp "$gate/$f" "$out/"; done
+  fi
   archive "$out/gate.tgz"
   grep -c '"event": "done"' "$gate/bench/cells.jsonl"
   tail -3 "$out/gate.log"
