@@ -28,17 +28,16 @@ multi_folder() { # all subjects' images in one folder, captions naming each subj
   python3 - "$subjects" "$diag/multi" <<'PY'
 import json, shutil, sys
 from pathlib import Path
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+from lora2.data.dreambooth import load_subjects
+subjects, dst = load_subjects(sys.argv[1]), Path(sys.argv[2])
 (dst / "images").mkdir(parents=True, exist_ok=True)
-table = (src / "prompts_and_classes.txt").read_text().split("Prompts")[0].splitlines()
-classes = dict(line.split(",") for line in table if "," in line and not line.startswith("subject_name"))
-identifiers = dict(zip(sorted(classes), ["sks", "zwx", "qrv", "jkp", "vbn", "xtl", "wmf", "dgh", "pzk", "ykb"]))
+identifiers = dict(zip(subjects, ["sks", "zwx", "qrv", "jkp", "vbn", "xtl", "wmf", "dgh", "pzk", "ykb"]))
 lines = []
-for subject, identifier in identifiers.items():
-    for image in sorted((src / subject).glob("*.jpg")):
-        shutil.copy(image, dst / "images" / f"{subject}_{image.name}")
-        caption = f"a {identifier} {classes[subject]}"
-        lines.append(json.dumps({"file_name": f"{subject}_{image.name}", "text": caption}))
+for name, identifier in identifiers.items():
+    for image in subjects[name].image_paths:
+        shutil.copy(image, dst / "images" / f"{name}_{image.name}")
+        caption = subjects[name].instance_prompt(identifier)
+        lines.append(json.dumps({"file_name": f"{name}_{image.name}", "text": caption}))
 (dst / "images" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 (dst / "identifiers.json").write_text(json.dumps(identifiers, indent=1) + "\n")
 PY
@@ -63,15 +62,14 @@ case ${1:-} in
       --output-dir "$run" --seed 0 --base "$world/base" --max-train-steps "$steps" --rank-mode fixed \
       --init-rank "$rank" --max-rank 512 --learning-rate "$lr" --sample-steps 1 --checkpointing-steps 100000 \
       >"$run.train.log" 2>&1 || exit 1
-    names=$(python3 -c "import json, sys; print(*json.load(open(sys.argv[1])))" "$diag/multi/identifiers.json")
-    for subject in $names; do
-      identifier=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" \
-        "$diag/multi/identifiers.json" "$subject")
+    pairs=$(python3 -c "import json, sys; [print(*p) for p in json.load(open(sys.argv[1])).items()]" \
+      "$diag/multi/identifiers.json")
+    while read -r subject identifier; do
       lora2 eval --base "$world/base" --lora "$run/pytorch_lora_weights.safetensors" --subject "$subjects/$subject" \
         --identifier "$identifier" --resolution 128 --output "$run/eval_$subject.json" "${evaluators[@]}" \
-        >"$run.eval_$subject.log" 2>&1 || exit 1
+        >"$run.eval_$subject.log" 2>&1 </dev/null || exit 1
       summary "multi r$rank lr$lr n$steps $subject" "$run/eval_$subject.json"
-    done
+    done <<<"$pairs"
     ;;
   *)
     echo "usage: $0 steps SUBJECT RANK LR STEPS | multi RANK LR STEPS" >&2
