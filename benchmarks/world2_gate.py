@@ -14,6 +14,13 @@ GPU like every grid):
    (``png_bits_per_pixel`` in the subjects' ``subjects.json``). The world discriminates (``discriminates``) when
    the paired difference is at least 3 standard errors and ρ > 0. The low rank is 4, or 8 when 4 does not pass.
 
+``--multi`` makes the cell one adapter for all subjects at once (docs/WORLD.md, "Where capacity might bind"): a
+bench over one training folder, ``MULTI_SUBJECT``, that holds every subject's instance images captioned "a
+<identifier> <class>" with each subject's own identifier (``write_multi_subject``; metadata.jsonl), trained with the
+protocol ``MULTI`` (61 passes over the 49 images, as 300 steps are over one subject's 5), and evaluated subject by
+subject with its identifier (``eval-multi``, the bench's eval job: ``eval_<subject>.json`` each, and ``eval.json``
+with every subject's scores and their means). The gate's pairs stay (subject, seed).
+
 Writes ``<out>/world2_gate.json`` (exactly the issue's keys) and ``<out>/world2_gate_cells.json`` (best learning
 rates, every rank's mean DINO, the verdict, the per-subject gaps). ``--tiny`` runs the same chain end to end at
 smoke-test size (ranks 4 and 64, one learning rate, two subjects, two steps, one image per evaluation) against
@@ -24,7 +31,8 @@ its subjects' levels and measured complexity.
 
 usage:
     python benchmarks/world2_gate.py run --world DIR --out DIR [--parallel 16] [--time-limit 540]
-    python benchmarks/world2_gate.py run --tiny --out /tmp/gate_tiny [--world DIR]
+    python benchmarks/world2_gate.py run --multi --world DIR --out DIR [--parallel 16] [--time-limit 540]
+    python benchmarks/world2_gate.py run --tiny [--multi] --out /tmp/gate_tiny [--world DIR]
     python benchmarks/world2_gate.py describe [--json benchmarks/results/world2_config.json]
 """
 
@@ -34,12 +42,17 @@ import argparse
 import json
 import logging
 import math
+import re
+import shutil
 import statistics
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
+from lora2.cli.evaluate import add_eval_arguments
+from lora2.data.dreambooth import PROMPTS_FILE, load_subjects
 from lora2.eval.bench import BenchConfig, bench, fixed_rank_method
 from lora2.eval.report import collect, spearman
 
@@ -74,6 +87,19 @@ TINY = {
     "train_args": ("sample_steps=1", "checkpointing_steps=1000", "num_validation_images=1"),
     "eval_args": ("num_images=1", "max_prompts=1", "num_inference_steps=2"),
 }
+
+# one adapter for every subject: its training folder (under <out>/multi), the identifiers of the subjects in their
+# sorted order, and the protocol: 750 steps of 4 images are 61 passes over the ten subjects' 49 images, as the single
+# cell's 300 steps of 1 are over one subject's 5 (batches of 4 cost a GPU about what batches of 1 do). Every caption
+# holds the word "a", so with identifier "a" the trainer keeps each caption as it is (lora2.train.captions).
+MULTI_SUBJECT = "ten_subjects"
+IDENTIFIERS = ("sks", "zwx", "qrv", "jkp", "vbn", "xtl", "wmf", "dgh", "pzk", "ykb")
+MULTI = {
+    "steps": 750,
+    "train_args": ("train_batch_size=4", "identifier=a", "instance_prompt='a sks object'"),
+}
+EVAL_METRICS = ("dino", "clip_i", "clip_t")
+SUBJECT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a subject name that may name a file (eval_<subject>.json)
 
 Scores = dict[tuple[str, str, int], float]  # (subject, method, seed) -> DINO
 
@@ -227,8 +253,9 @@ def _subjects_root(args: argparse.Namespace, out: Path) -> Path:
     return root
 
 
-def _bench(args, world, root, subjects, methods, seeds, deadline) -> dict[str, int]:
-    """One ``lora2 bench`` call: ``methods`` × ``subjects`` × ``seeds`` in ``<out>/bench``, within the time left."""
+def _bench(args, world, root, subjects, methods, seeds, deadline, eval_command=None) -> dict[str, int]:
+    """One ``lora2 bench`` call: ``methods`` × ``subjects`` × ``seeds`` in ``<out>/bench``, within the time left;
+    ``eval_command`` replaces ``lora2 eval`` as the cells' eval job."""
     left = None if deadline is None else deadline - time.time()
     if left is not None and left < MIN_SECONDS:
         logger.warning("%.0f s left: %d methods not started (the next call resumes)", left, len(methods))
@@ -246,8 +273,96 @@ def _bench(args, world, root, subjects, methods, seeds, deadline) -> dict[str, i
         jobs_per_gpu=args.parallel,
         cpu_jobs=args.parallel,
         time_limit=left,
+        **({"eval_command": eval_command} if eval_command else {}),
     )
     return bench(config)
+
+
+# ---------------------------------------------------------------------- one adapter for every subject (--multi)
+def write_multi_subject(root: Path, subjects: list[str], out: Path) -> dict[str, str]:
+    """The multi-subject training folder ``out/MULTI_SUBJECT`` (a DreamBooth subject of class "object" beside its
+    own prompts file): every image of ``subjects`` under ``root``, renamed ``<subject>_<file>``, captioned in
+    metadata.jsonl with the subject's instance prompt for its own identifier (``IDENTIFIERS`` in order). Returns
+    subject → identifier, also written to ``out/identifiers.json``; a folder written for other subjects is an
+    error, not rewritten."""
+    if len(subjects) > len(IDENTIFIERS):
+        raise ValueError(f"{len(subjects)} subjects, but only {len(IDENTIFIERS)} identifiers: {IDENTIFIERS}")
+    identifiers = dict(zip(subjects, IDENTIFIERS))
+    record = out / "identifiers.json"
+    if record.is_file():
+        before = json.loads(record.read_text(encoding="utf-8"))
+        if before != identifiers:
+            raise ValueError(f"{out} was written for the subjects {before}, not {identifiers}: use a new --out")
+        return identifiers
+    loaded = load_subjects(root)
+    unknown = [name for name in subjects if name not in loaded]
+    if unknown:
+        raise ValueError(f"subject(s) {unknown} are not under {root}")
+    folder = out / MULTI_SUBJECT
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = []
+    for name, identifier in identifiers.items():
+        for image in loaded[name].image_paths:
+            shutil.copy(image, folder / f"{name}_{image.name}")
+            captions.append({"file_name": f"{name}_{image.name}", "text": loaded[name].instance_prompt(identifier)})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions), encoding="utf-8")
+    from lora2.world.subjects import prompts_and_classes_text  # the world's prompts (the folder's are unused)
+
+    entry = SimpleNamespace(name=MULTI_SUBJECT, class_name="object")
+    (out / PROMPTS_FILE).write_text(prompts_and_classes_text((entry,)), encoding="utf-8")
+    record.write_text(json.dumps(identifiers, indent=1) + "\n", encoding="utf-8")
+    return identifiers
+
+
+def evaluate_multi(run: Path, root: Path, identifiers: dict[str, str], options: dict) -> dict:
+    """Evaluate one multi-subject run on each subject with its identifier (``lora2 eval``'s ``options``) into
+    ``run/eval_<subject>.json``, keeping those an earlier call wrote, then ``run/eval.json``: each subject's summary
+    under ``subjects`` and their means under ``summary`` (what ``lora2 report`` reads)."""
+    from lora2.eval.evaluate import EvalConfig, adapter_summary, evaluate
+
+    bad = [name for name in identifiers if not SUBJECT_NAME.fullmatch(name)]
+    if bad:
+        raise ValueError(f"subject name(s) {bad} in the identifiers cannot name a file")
+    summaries = {}
+    for name, identifier in identifiers.items():
+        output = run / f"eval_{name}.json"
+        if not output.is_file():
+            config = EvalConfig(run=str(run), subject=str(root / name), identifier=identifier, output=str(output),
+                                **options)  # fmt: skip
+            evaluate(config)
+        summaries[name] = json.loads(output.read_text(encoding="utf-8"))["summary"]
+    means = {
+        metric: {"mean": statistics.fmean(s[metric]["mean"] for s in summaries.values())} for metric in EVAL_METRICS
+    }
+    lora = json.loads(output.read_text(encoding="utf-8"))["lora"]
+    record = {
+        "subjects": {name: {"identifier": identifiers[name], "summary": summaries[name]} for name in identifiers},
+        "summary": means,
+        "adapter": adapter_summary(lora),
+    }
+    tmp = run / "eval.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(run / "eval.json")
+    return record
+
+
+def multi_scores(bench_dir: Path) -> Scores:
+    """DINO by (subject, method, seed) of every evaluated multi-subject cell of a bench folder."""
+    scores = {}
+    for status_path in sorted((bench_dir / "cells" / MULTI_SUBJECT).glob("*/seed*/status.json")):
+        eval_path = status_path.parent / "run" / "eval.json"
+        if not eval_path.is_file():
+            continue
+        status = json.loads(status_path.read_text(encoding="utf-8"))
+        evaluation = json.loads(eval_path.read_text(encoding="utf-8"))
+        for name, entry in evaluation["subjects"].items():
+            scores[(name, status["method"], int(status["seed"]))] = entry["summary"]["dino"]["mean"]
+    return scores
+
+
+def _eval_multi_command(root: Path, identifiers_path: Path) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "eval-multi", "--subjects-root", str(root),
+            "--identifiers", str(identifiers_path)]  # fmt: skip
 
 
 def rank_groups(ranks: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -272,18 +387,25 @@ def run(args: argparse.Namespace) -> int:
         if needed not in ranks:
             raise ValueError(f"--ranks {ranks} must include the gate's ranks {LOW_RANKS[0]} and {HIGH_RANK}")
     complexity = complexities(root)
+    if args.multi:  # one bench subject, the folder of all of them; scores per subject from its eval job
+        write_multi_subject(root, subjects, out / "multi")
+        bench_root, bench_subjects, scores_of = out / "multi", [MULTI_SUBJECT], multi_scores
+        eval_command = _eval_multi_command(root, out / "multi" / "identifiers.json")
+    else:
+        bench_root, bench_subjects, scores_of, eval_command = root, subjects, dino_scores, None
     best: dict[int, str] = {}
     for group in rank_groups(ranks):
         logger.info("ranks %s: %d learning rates x %d subjects, seed %d", group, len(lrs), len(subjects), SWEEP_SEED)
-        _bench(args, world, root, subjects, sweep_methods(group, lrs), (SWEEP_SEED,), deadline)
+        _bench(args, world, bench_root, bench_subjects, sweep_methods(group, lrs), (SWEEP_SEED,), deadline,
+               eval_command)  # fmt: skip
         try:
-            best |= best_learning_rates(dino_scores(out / "bench"), group, lrs, subjects)
+            best |= best_learning_rates(scores_of(out / "bench"), group, lrs, subjects)
         except ValueError as error:
             logger.warning("%s", error)
             return 3
         logger.info("best learning rates: %s", best)
-        _bench(args, world, root, subjects, confirm_methods(best), CONFIRM_SEEDS, deadline)
-        scores = dino_scores(out / "bench")
+        _bench(args, world, bench_root, bench_subjects, confirm_methods(best), CONFIRM_SEEDS, deadline, eval_command)
+        scores = scores_of(out / "bench")
         expected = len(best) * len(subjects) * len(CONFIRM_SEEDS)
         confirmed = sum(1 for (_, m, seed) in scores if seed in CONFIRM_SEEDS and m in confirm_methods(best))
         if confirmed < expected:
@@ -367,13 +489,19 @@ def _parser() -> argparse.ArgumentParser:
     gate.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny random world")
     gate.add_argument("--data-root", help="subject folders (default: the world2 subjects, written into OUT)")
     gate.add_argument("--subjects", nargs="+", help="subject names (default: all under the data root)")
+    gate.add_argument("--multi", action="store_true", help="one adapter for all subjects (protocol MULTI)")
     gate.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     gate.add_argument("--learning-rates", nargs="+", default=list(LEARNING_RATES))
-    gate.add_argument("--steps", type=int, default=300, help="training steps of every cell")
+    gate.add_argument("--steps", type=int, help=f"training steps of a cell (default 300, --multi {MULTI['steps']})")
     gate.add_argument("--parallel", type=int, default=1, help="concurrent jobs (per GPU, or on the CPU)")
     gate.add_argument("--time-limit", type=float, help="seconds for the whole command; the next call resumes")
     gate.add_argument("--train-arg", action="append", default=list(TRAIN_ARGS), help="KEY=VALUE for every train")
     gate.add_argument("--eval-arg", action="append", default=list(EVAL_ARGS), help="KEY=VALUE for every eval")
+    multi = sub.add_parser("eval-multi", help="evaluate a multi-subject run per subject (the bench's eval job)")
+    multi.add_argument("--run", required=True, help="the run folder")
+    multi.add_argument("--subjects-root", required=True, help="the subjects' DreamBooth root")
+    multi.add_argument("--identifiers", required=True, help="identifiers.json (subject -> identifier)")
+    add_eval_arguments(multi)
     info = sub.add_parser("describe", help="the world2 base model's numbers from its configuration")
     info.add_argument("--json", help="also write them to this file")
     return parser
@@ -390,6 +518,13 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(text)
         sys.stdout.write(text)
         return 0
+    if args.command == "eval-multi":
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "subjects_root", "identifiers")}
+        identifiers = json.loads(Path(args.identifiers).read_text(encoding="utf-8"))
+        evaluate_multi(Path(args.run), Path(args.subjects_root), identifiers, options)
+        return 0
+    protocol = MULTI if args.multi else {"steps": 300, "train_args": ()}
+    args.steps = args.steps or protocol["steps"]
     if args.tiny:
         args.ranks, args.learning_rates = list(TINY["ranks"]), list(TINY["learning_rates"])
         args.subjects, args.steps = list(TINY["subjects"]), TINY["steps"]
@@ -397,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         args.parallel = max(args.parallel, 2)
     elif not args.world:
         raise SystemExit("run: give --world DIR (base/, clip/, dino/) or --tiny")
+    args.train_arg = [*args.train_arg, *protocol["train_args"]]
     return run(args)
 
 

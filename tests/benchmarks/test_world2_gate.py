@@ -148,3 +148,55 @@ def test_no_bench_starts_without_the_time_a_cell_needs(gate, monkeypatch):
     monkeypatch.setattr(gate, "bench", lambda config: pytest.fail("a bench started without time left"))
     deadline = time.time() + gate.MIN_SECONDS - 5
     assert gate._bench(None, {}, None, ["a"], ["fixed-4-lr1e-3"], (0,), deadline=deadline) == {}
+
+
+def test_the_multi_subject_folder_captions_each_subject_with_its_own_identifier(gate, tmp_path):
+    from lora2.data.dreambooth import load_subject, load_subjects
+    from lora2.world.world2 import write_world2_subjects
+
+    root = write_world2_subjects(tmp_path / "subjects", size=32)
+    names = ["rust_triangle", "glyph_plaque", "mosaic_star"]
+    identifiers = gate.write_multi_subject(root, names, tmp_path / "multi")
+    assert identifiers == dict(zip(names, ("sks", "zwx", "qrv")))
+    folder = tmp_path / "multi" / gate.MULTI_SUBJECT
+    combined = load_subject(folder)  # a subject the bench and the trainer load like any other
+    originals = load_subjects(root)
+    assert len(combined.image_paths) == sum(len(originals[n].image_paths) for n in names)
+    captions = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert sorted(c["file_name"] for c in captions) == [p.name for p in combined.image_paths]
+    for caption in captions:
+        name = next(n for n in names if caption["file_name"].startswith(f"{n}_"))
+        assert caption["text"] == originals[name].instance_prompt(identifiers[name])
+        assert " a " not in f" {caption['text'][2:]} "  # "a" is the trainer's identifier: only the article holds it
+    assert gate.write_multi_subject(root, names, tmp_path / "multi") == identifiers  # written once
+    with pytest.raises(ValueError, match="was written for the subjects"):
+        gate.write_multi_subject(root, names[:2], tmp_path / "multi")
+    with pytest.raises(ValueError, match="not under"):
+        gate.write_multi_subject(root, ["no_such_subject"], tmp_path / "other")
+    with pytest.raises(ValueError, match="identifiers"):
+        gate.write_multi_subject(root, [f"s{i}" for i in range(11)], tmp_path / "more")
+
+
+def test_the_multi_subject_gate_end_to_end_on_a_tiny_world(gate, tmp_path):
+    """Real jobs (tiny world pretrained on the CPU, two training steps, one image per evaluation): one adapter per
+    rank and seed, evaluated per subject with its identifier, decided per (subject, seed)."""
+    out = tmp_path / "gate"
+    assert gate.main(["run", "--tiny", "--multi", "--out", str(out)]) == 0
+    cells = out / "bench" / "cells"
+    assert [p.name for p in cells.iterdir()] == [gate.MULTI_SUBJECT]  # one bench subject: the folder of all
+    run = cells / gate.MULTI_SUBJECT / "fixed-4-lr1e-3" / "seed1" / "run"
+    config = (run / "train_config.yaml").read_text()
+    assert "train_batch_size: 4" in config and "identifier: a" in config
+    evaluation = json.loads((run / "eval.json").read_text())
+    subjects = gate.TINY["subjects"]
+    assert list(evaluation["subjects"]) == list(subjects)
+    for subject, identifier in zip(subjects, gate.IDENTIFIERS):
+        single = json.loads((run / f"eval_{subject}.json").read_text())
+        assert single["subject"] == subject and single["identifier"] == identifier
+        assert evaluation["subjects"][subject]["summary"] == single["summary"]
+    means = [evaluation["subjects"][s]["summary"]["dino"]["mean"] for s in subjects]
+    assert evaluation["summary"]["dino"]["mean"] == pytest.approx(sum(means) / len(means))
+    scores = gate.multi_scores(out / "bench")
+    assert len(scores) == len(subjects) * 2 * 3  # subjects × ranks × seeds 0-2
+    result = json.loads((out / "world2_gate.json").read_text())
+    assert list(result) == list(gate.GATE_KEYS) and result["n_pairs"] == len(subjects) * 2

@@ -6,7 +6,8 @@ import argparse
 import json
 
 
-def _eval_args(parser: argparse.ArgumentParser) -> None:
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The generation and scoring options of `lora2 eval` (the fields of EvalConfig other than what is evaluated)."""
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="image j of every prompt uses seed + j")
     parser.add_argument("--num-inference-steps", type=int, default=30)
@@ -64,7 +65,7 @@ def register(subparsers) -> None:
     parser.add_argument("--identifier", default=None, help="identifier token (default: the run's, else sks)")
     parser.add_argument("--output", default=None, help="JSON path (default <run>/eval.json)")
     parser.add_argument("--save-images", action="store_true", help="also save the generated images")
-    _eval_args(parser)
+    add_eval_arguments(parser)
     parser.set_defaults(func=_run_eval)
 
     from lora2.eval.bench import method_registry
