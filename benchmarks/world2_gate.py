@@ -88,10 +88,11 @@ TINY = {
     "eval_args": ("num_images=1", "max_prompts=1", "num_inference_steps=2"),
 }
 
-# one adapter for every subject: its training folder (under <out>/multi), the identifiers of the subjects in their
-# sorted order, and the protocol: 750 steps of 4 images are 61 passes over the ten subjects' 49 images, as the single
-# cell's 300 steps of 1 are over one subject's 5 (batches of 4 cost a GPU about what batches of 1 do). Every caption
-# holds the word "a", so with identifier "a" the trainer keeps each caption as it is (lora2.train.captions).
+# one adapter for every subject: its training folder (under <out>/multi), the identifiers given to the subjects in
+# their order (--subjects, else subjects.json's), and the protocol: 750 steps of 4 images are 61 passes over the ten
+# subjects' 49 images, as the single cell's 300 steps of 1 are over one subject's 5 (batch 4, so that a cell trains
+# within one device call: 154-178 s on one H200 with 4-6 cells packed). Every caption holds the word "a", so with
+# identifier "a" the trainer keeps each caption as it is (lora2.train.captions).
 MULTI_SUBJECT = "ten_subjects"
 IDENTIFIERS = ("sks", "zwx", "qrv", "jkp", "vbn", "xtl", "wmf", "dgh", "pzk", "ykb")
 MULTI = {
