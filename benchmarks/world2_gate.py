@@ -99,7 +99,6 @@ MULTI = {
     "steps": 750,
     "train_args": ("train_batch_size=4", "identifier=a", "instance_prompt='a sks object'"),
 }
-EVAL_METRICS = ("dino", "clip_i", "clip_t")
 SUBJECT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a subject name that may name a file (eval_<subject>.json)
 
 Scores = dict[tuple[str, str, int], float]  # (subject, method, seed) -> DINO
@@ -319,7 +318,9 @@ def evaluate_multi(run: Path, root: Path, identifiers: dict[str, str], options: 
     """Evaluate one multi-subject run on each subject with its identifier (``lora2 eval``'s ``options``) into
     ``run/eval_<subject>.json``, keeping those an earlier call wrote, then ``run/eval.json``: each subject's summary
     under ``subjects`` and their means under ``summary`` (what ``lora2 report`` reads)."""
-    from lora2.eval.evaluate import EvalConfig, adapter_summary, evaluate
+    from lora2.eval.evaluate import METRICS, EvalConfig, adapter_summary, evaluate
+    from lora2.train.atomic import atomic_write_text
+    from lora2.train.run_folder import RunFolder
 
     bad = [name for name in identifiers if not SUBJECT_NAME.fullmatch(name)]
     if bad:
@@ -332,18 +333,13 @@ def evaluate_multi(run: Path, root: Path, identifiers: dict[str, str], options: 
                                 **options)  # fmt: skip
             evaluate(config)
         summaries[name] = json.loads(output.read_text(encoding="utf-8"))["summary"]
-    means = {
-        metric: {"mean": statistics.fmean(s[metric]["mean"] for s in summaries.values())} for metric in EVAL_METRICS
-    }
-    lora = json.loads(output.read_text(encoding="utf-8"))["lora"]
+    means = {metric: {"mean": statistics.fmean(s[metric]["mean"] for s in summaries.values())} for metric in METRICS}
     record = {
         "subjects": {name: {"identifier": identifiers[name], "summary": summaries[name]} for name in identifiers},
         "summary": means,
-        "adapter": adapter_summary(lora),
+        "adapter": adapter_summary(RunFolder(run).find_adapter()),
     }
-    tmp = run / "eval.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(run / "eval.json")
+    atomic_write_text(run / "eval.json", json.dumps(record, indent=1) + "\n")
     return record
 
 
