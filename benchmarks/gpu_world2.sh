@@ -22,6 +22,8 @@
 #   OUT=... LIMIT=540 JOBS=16 bash benchmarks/gpu_world2.sh compare   # again until world2_compare.json comes back
 #   GATE=/tmp/world2_gate_multi GATE_ARGS=--multi OUT=... LIMIT=540 JOBS=16 bash benchmarks/gpu_world2.sh gate
 #                                       # the gate with one adapter for all subjects (world2_gate.py --multi)
+#   GATE=/tmp/world2_gate_crowd GATE_ARGS=--crowd OUT=... LIMIT=540 JOBS=16 bash benchmarks/gpu_world2.sh gate
+#                                       # one adapter for the thirty crowd subjects (world2_gate.py --crowd)
 # CPU smoke test of the same steps (tiny data, world2's architecture):
 #   OUT=/tmp/o SCALE=world2-tiny DEVICE=cpu GATE_ARGS=--tiny JOBS=2 WORLD2=/tmp/w2 GATE=/tmp/g2 \
 #     bash benchmarks/gpu_world2.sh all

@@ -19,7 +19,8 @@ bench over one training folder, ``MULTI_SUBJECT``, that holds every subject's in
 <identifier> <class>" with each subject's own identifier (``write_multi_subject``; metadata.jsonl), trained with the
 protocol ``MULTI`` (61 passes over the 49 images, as 300 steps are over one subject's 5), and evaluated subject by
 subject with its identifier (``eval-multi``, the bench's eval job: ``eval_<subject>.json`` each, and ``eval.json``
-with every subject's scores and their means). The gate's pairs stay (subject, seed).
+with every subject's scores and their means). The gate's pairs stay (subject, seed). ``--crowd`` does the same for the
+thirty subjects of ``lora2.world.world2.CROWD_SUBJECTS`` (the ten and twenty drawn ones), protocol ``CROWD``.
 
 Writes ``<out>/world2_gate.json`` (exactly the issue's keys) and ``<out>/world2_gate_cells.json`` (best learning
 rates, every rank's mean DINO, the verdict, the per-subject gaps). ``--tiny`` runs the same chain end to end at
@@ -32,7 +33,9 @@ its subjects' levels and measured complexity.
 usage:
     python benchmarks/world2_gate.py run --world DIR --out DIR [--parallel 16] [--time-limit 540]
     python benchmarks/world2_gate.py run --multi --world DIR --out DIR [--parallel 16] [--time-limit 540]
-    python benchmarks/world2_gate.py run --tiny [--multi] --out /tmp/gate_tiny [--world DIR]
+    python benchmarks/world2_gate.py run --crowd --world DIR --out DIR [--parallel 16] [--time-limit 540]
+    python benchmarks/world2_gate.py run --tiny [--multi | --crowd] --out /tmp/gate_tiny [--world DIR]
+    python benchmarks/world2_gate.py run --crowd --sweep-only --ranks 4 --learning-rates 1e-2 --world DIR --out DIR
     python benchmarks/world2_gate.py describe [--json benchmarks/results/world2_config.json]
 """
 
@@ -48,6 +51,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -94,10 +98,21 @@ TINY = {
 # within one device call: 154-178 s on one H200 with 4-6 cells packed). Every caption holds the word "a", so with
 # identifier "a" the trainer keeps each caption as it is (lora2.train.captions).
 MULTI_SUBJECT = "ten_subjects"
-IDENTIFIERS = ("sks", "zwx", "qrv", "jkp", "vbn", "xtl", "wmf", "dgh", "pzk", "ykb")
+IDENTIFIERS = ("sks", "zwx", "qrv", "jkp", "vbn", "xtl", "wmf", "dgh", "pzk", "ykb",
+               "fjc", "hwq", "lzm", "gtd", "bvx", "cnk", "mrj", "tpw", "dkz", "svq",
+               "yhg", "nxb", "wcf", "kjt", "rqm", "pgv", "zdl", "xbh", "jmw", "qtn")  # fmt: skip
 MULTI = {
     "steps": 750,
     "train_args": ("train_batch_size=4", "identifier=a", "instance_prompt='a sks object'"),
+}
+# --crowd: the thirty subjects of lora2.world.world2.CROWD_SUBJECTS in one adapter. Batch 12, so that 750 steps are
+# again 60 passes over the images (150), and one image for each of the 25 prompts per subject in the evaluation, so
+# that an adapter's thirty evaluations cost about what the ten subjects' two images a prompt cost.
+CROWD_SUBJECT = "thirty_subjects"
+CROWD = {
+    "steps": 750,
+    "train_args": ("train_batch_size=12", "identifier=a", "instance_prompt='a sks object'"),
+    "eval_args": ("num_images=1",),
 }
 SUBJECT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a subject name that may name a file (eval_<subject>.json)
 
@@ -242,14 +257,20 @@ def _world(args: argparse.Namespace, out: Path) -> dict[str, Path]:
 
 
 def _subjects_root(args: argparse.Namespace, out: Path) -> Path:
-    """The world2 subject dataset, written once into ``out/subjects`` (deterministic), unless ``--data-root``."""
+    """The world2 subject dataset (with ``--crowd`` the thirty subjects), written once into ``out/subjects``
+    (deterministic), unless ``--data-root``. A folder written for the other set is an error."""
     if args.data_root:
         return Path(args.data_root)
-    from lora2.world.world2 import write_world2_subjects
+    from lora2.world.world2 import CROWD_DATASET_VERSION, DATASET_VERSION, write_world2_subjects
 
     root = out / "subjects"
-    if not (root / "subjects.json").is_file():
-        write_world2_subjects(root)
+    version = CROWD_DATASET_VERSION if args.crowd else DATASET_VERSION
+    meta = root / "subjects.json"
+    if not meta.is_file():
+        write_world2_subjects(root, crowd=args.crowd)
+    written = json.loads(meta.read_text(encoding="utf-8"))["version"]
+    if written != version:
+        raise ValueError(f"{root} holds the subjects of dataset {written}, not {version}: use a new --out")
     return root
 
 
@@ -279,8 +300,10 @@ def _bench(args, world, root, subjects, methods, seeds, deadline, eval_command=N
 
 
 # ---------------------------------------------------------------------- one adapter for every subject (--multi)
-def write_multi_subject(root: Path, subjects: list[str], out: Path) -> dict[str, str]:
-    """The multi-subject training folder ``out/MULTI_SUBJECT`` (a DreamBooth subject of class "object" beside its
+def write_multi_subject(
+    root: Path, subjects: list[str], out: Path, folder_name: str = MULTI_SUBJECT
+) -> dict[str, str]:
+    """The multi-subject training folder ``out/<folder_name>`` (a DreamBooth subject of class "object" beside its
     own prompts file): every image of ``subjects`` under ``root``, renamed ``<subject>_<file>``, captioned in
     metadata.jsonl with the subject's instance prompt for its own identifier (``IDENTIFIERS`` in order). Returns
     subject → identifier, also written to ``out/identifiers.json``; a folder written for other subjects is an
@@ -298,7 +321,7 @@ def write_multi_subject(root: Path, subjects: list[str], out: Path) -> dict[str,
     unknown = [name for name in subjects if name not in loaded]
     if unknown:
         raise ValueError(f"subject(s) {unknown} are not under {root}")
-    folder = out / MULTI_SUBJECT
+    folder = out / folder_name
     folder.mkdir(parents=True, exist_ok=True)
     captions = []
     for name, identifier in identifiers.items():
@@ -308,7 +331,7 @@ def write_multi_subject(root: Path, subjects: list[str], out: Path) -> dict[str,
     (folder / "metadata.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions), encoding="utf-8")
     from lora2.world.subjects import prompts_and_classes_text  # the world's prompts (the folder's are unused)
 
-    entry = SimpleNamespace(name=MULTI_SUBJECT, class_name="object")
+    entry = SimpleNamespace(name=folder_name, class_name="object")
     (out / PROMPTS_FILE).write_text(prompts_and_classes_text((entry,)), encoding="utf-8")
     record.write_text(json.dumps(identifiers, indent=1) + "\n", encoding="utf-8")
     return identifiers
@@ -343,10 +366,10 @@ def evaluate_multi(run: Path, root: Path, identifiers: dict[str, str], options: 
     return record
 
 
-def multi_scores(bench_dir: Path) -> Scores:
-    """DINO by (subject, method, seed) of every evaluated multi-subject cell of a bench folder."""
+def multi_scores(bench_dir: Path, name: str = MULTI_SUBJECT) -> Scores:
+    """DINO by (subject, method, seed) of every evaluated cell of the multi-subject bench subject ``name``."""
     scores = {}
-    for status_path in sorted((bench_dir / "cells" / MULTI_SUBJECT).glob("*/seed*/status.json")):
+    for status_path in sorted((bench_dir / "cells" / name).glob("*/seed*/status.json")):
         eval_path = status_path.parent / "run" / "eval.json"
         if not eval_path.is_file():
             continue
@@ -372,7 +395,8 @@ def rank_groups(ranks: tuple[int, ...]) -> list[tuple[int, ...]]:
 
 def run(args: argparse.Namespace) -> int:
     """Sweep, choose, confirm and decide, group by group (``rank_groups``); the gate files are (re)written after each
-    group. Returns 0 when every rank is confirmed, 3 when cells are still missing (the next call resumes)."""
+    group. Returns 0 when every rank is confirmed, 3 when cells are still missing (the next call resumes). With
+    ``--sweep-only``, only the seed-0 cells of ``--ranks`` × ``--learning-rates`` (a diagnostic: no gate files)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + args.time_limit if args.time_limit else None
@@ -380,16 +404,22 @@ def run(args: argparse.Namespace) -> int:
     root = _subjects_root(args, out)
     subjects = list(args.subjects or complexities(root))
     ranks, lrs = tuple(args.ranks), tuple(args.learning_rates)
-    for needed in (*LOW_RANKS[:1], HIGH_RANK):
+    for needed in () if args.sweep_only else (*LOW_RANKS[:1], HIGH_RANK):
         if needed not in ranks:
             raise ValueError(f"--ranks {ranks} must include the gate's ranks {LOW_RANKS[0]} and {HIGH_RANK}")
     complexity = complexities(root)
     if args.multi:  # one bench subject, the folder of all of them; scores per subject from its eval job
-        write_multi_subject(root, subjects, out / "multi")
-        bench_root, bench_subjects, scores_of = out / "multi", [MULTI_SUBJECT], multi_scores
+        name = CROWD_SUBJECT if args.crowd else MULTI_SUBJECT
+        write_multi_subject(root, subjects, out / "multi", name)
+        bench_root, bench_subjects, scores_of = out / "multi", [name], partial(multi_scores, name=name)
         eval_command = _eval_multi_command(root, out / "multi" / "identifiers.json")
     else:
         bench_root, bench_subjects, scores_of, eval_command = root, subjects, dino_scores, None
+    if args.sweep_only:
+        _bench(
+            args, world, bench_root, bench_subjects, sweep_methods(ranks, lrs), (SWEEP_SEED,), deadline, eval_command
+        )
+        return 0
     best: dict[int, str] = {}
     for group in rank_groups(ranks):
         logger.info("ranks %s: %d learning rates x %d subjects, seed %d", group, len(lrs), len(subjects), SWEEP_SEED)
@@ -487,6 +517,8 @@ def _parser() -> argparse.ArgumentParser:
     gate.add_argument("--data-root", help="subject folders (default: the world2 subjects, written into OUT)")
     gate.add_argument("--subjects", nargs="+", help="subject names (default: all under the data root)")
     gate.add_argument("--multi", action="store_true", help="one adapter for all subjects (protocol MULTI)")
+    gate.add_argument("--crowd", action="store_true", help="--multi over the thirty crowd subjects (CROWD)")
+    gate.add_argument("--sweep-only", action="store_true", help="only the seed-0 cells of --ranks x --learning-rates")
     gate.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     gate.add_argument("--learning-rates", nargs="+", default=list(LEARNING_RATES))
     gate.add_argument("--steps", type=int, help=f"training steps of a cell (default 300, --multi {MULTI['steps']})")
@@ -520,8 +552,11 @@ def main(argv: list[str] | None = None) -> int:
         identifiers = json.loads(Path(args.identifiers).read_text(encoding="utf-8"))
         evaluate_multi(Path(args.run), Path(args.subjects_root), identifiers, options)
         return 0
-    protocol = MULTI if args.multi else {"steps": 300, "train_args": ()}
+    args.multi = args.multi or args.crowd
+    protocol = CROWD if args.crowd else MULTI if args.multi else {"steps": 300, "train_args": ()}
     args.steps = args.steps or protocol["steps"]
+    if "eval_args" in protocol:  # the protocol's evaluation replaces the default one (options given still follow)
+        args.eval_arg = [*protocol["eval_args"], *args.eval_arg[len(EVAL_ARGS) :]]
     if args.tiny:
         args.ranks, args.learning_rates = list(TINY["ranks"]), list(TINY["learning_rates"])
         args.subjects, args.steps = list(TINY["subjects"]), TINY["steps"]

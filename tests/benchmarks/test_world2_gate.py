@@ -9,6 +9,7 @@ import math
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -140,6 +141,13 @@ def test_the_chain_through_the_bench_with_stand_in_jobs(gate, tmp_path, monkeypa
     assert math.isfinite(result["paired_se"])
     assert gate.run(args) == 0  # a second call finds every cell done and trains nothing
     assert len([line for line in calls.read_text().splitlines() if line.startswith('["train"')]) == len(trains)
+    # a diagnostic sweep of one more rate for one rank: its seed-0 cells only, in the same bench folder
+    (tmp_path / "gate" / "world2_gate.json").unlink()
+    args.sweep_only, args.ranks, args.learning_rates = True, [4], ["1e-2"]
+    assert gate.run(args) == 0
+    added = [json.loads(line) for line in calls.read_text().splitlines() if line.startswith('["train"')][len(trains) :]
+    assert len(added) == len(subjects) and {call[call.index("--seed") + 1] for call in added} == {"0"}
+    assert not (tmp_path / "gate" / "world2_gate.json").exists()
 
 
 def test_no_bench_starts_without_the_time_a_cell_needs(gate, monkeypatch):
@@ -174,7 +182,32 @@ def test_the_multi_subject_folder_captions_each_subject_with_its_own_identifier(
     with pytest.raises(ValueError, match="not under"):
         gate.write_multi_subject(root, ["no_such_subject"], tmp_path / "other")
     with pytest.raises(ValueError, match="identifiers"):
-        gate.write_multi_subject(root, [f"s{i}" for i in range(11)], tmp_path / "more")
+        gate.write_multi_subject(root, [f"s{i}" for i in range(len(gate.IDENTIFIERS) + 1)], tmp_path / "more")
+
+
+def test_the_crowd_trains_thirty_subjects_in_one_folder_of_its_own_dataset(gate, tmp_path, monkeypatch):
+    from lora2.data.dreambooth import load_subject
+    from lora2.world.world2 import CROWD_DATASET_VERSION, CROWD_SUBJECTS
+
+    seen = {}
+    monkeypatch.setattr(gate, "run", lambda args: seen.setdefault("args", args) and 0)
+    gate.main(
+        ["run", "--crowd", "--world", str(tmp_path), "--out", str(tmp_path / "g"), "--eval-arg", "max_prompts=3"]
+    )
+    args = seen["args"]
+    assert args.multi and args.steps == gate.CROWD["steps"] and "train_batch_size=12" in args.train_arg
+    assert args.eval_arg == ["num_images=1", "max_prompts=3"]  # the protocol's evaluation, then the options given
+    root = gate._subjects_root(args, tmp_path / "g")
+    assert json.loads((root / "subjects.json").read_text())["version"] == CROWD_DATASET_VERSION
+    names = [s.name for s in CROWD_SUBJECTS]
+    identifiers = gate.write_multi_subject(root, names, tmp_path / "g" / "multi", gate.CROWD_SUBJECT)
+    assert list(identifiers) == names and len(set(identifiers.values())) == 30
+    folder = load_subject(tmp_path / "g" / "multi" / gate.CROWD_SUBJECT)  # its own prompts file names the folder
+    assert folder.class_name == "object" and len(folder.image_paths) == 150
+    with pytest.raises(ValueError, match="holds the subjects of dataset"):
+        gate._subjects_root(
+            SimpleNamespace(**{**vars(args), "crowd": False}), tmp_path / "g"
+        )  # the ten need a folder of their own
 
 
 def test_the_multi_subject_gate_end_to_end_on_a_tiny_world(gate, tmp_path):

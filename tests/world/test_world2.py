@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from lora2.lora.config import LoRA2Config
 from lora2.world import world2
 from lora2.world.grow import WORLD2_DEPTHS
 from lora2.world.pretrain import FULL_UNET, SCALES, component_sizes, initial_pipeline
-from lora2.world.subjects import SUBJECTS, glyph_bitmap, render_subject
+from lora2.world.subjects import SUBJECTS, glyph_bitmap, png_bits_per_pixel, render_subject
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILE = ROOT / "benchmarks" / "results" / "world2_config.json"
@@ -68,16 +69,43 @@ def test_world2_unet_has_hundreds_of_adapted_layers_of_several_widths(base):
     assert first_world == FULL_UNET and first_world["transformer_layers_per_block"] == (1, 1, 1)
 
 
-def test_world2_detail_survives_the_base_vae():
+@pytest.mark.parametrize(
+    ("subjects", "min_psnr"),
+    [(world2.SUBJECTS, world2.VAE_MIN_PSNR), (world2.CROWD_SUBJECTS[10:], world2.CROWD_VAE_MIN_PSNR)],
+    ids=["designed", "drawn"],
+)
+def test_world2_detail_survives_the_base_vae(subjects, min_psnr):
     """Each subject's detail is drawn at a scale the VAE carries: its 128-px render on white comes back through the
-    first world's VAE (world2's) with at least ``VAE_MIN_PSNR``."""
+    first world's VAE (world2's) with at least ``min_psnr``."""
     vae = AutoencoderKL.from_pretrained(ASSETS / "base" / "vae", torch_dtype=torch.float32).eval()
-    renders = [np.asarray(render_subject(s, 128, radius=0.3, rotation=20.0)) for s in world2.SUBJECTS]
+    renders = [np.asarray(render_subject(s, 128, radius=0.3, rotation=20.0)) for s in subjects]
     x = torch.from_numpy(np.stack(renders)).permute(0, 3, 1, 2).float() / 127.5 - 1  # N×3×128×128 in [-1, 1]
     with torch.no_grad():
         back = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    psnr = {s.name: 10 * math.log10(4 / float((a - b).square().mean())) for s, a, b in zip(world2.SUBJECTS, x, back)}
-    assert min(psnr.values()) >= world2.VAE_MIN_PSNR, psnr
+    psnr = {s.name: 10 * math.log10(4 / float((a - b).square().mean())) for s, a, b in zip(subjects, x, back)}
+    assert min(psnr.values()) >= min_psnr, psnr
+
+
+def test_the_crowd_is_the_designed_ten_and_twenty_drawn_graded_subjects():
+    crowd = world2.CROWD_SUBJECTS
+    assert crowd[:10] == world2.SUBJECTS and len(crowd) == 30
+    assert world2.crowd_subjects() == crowd[10:]  # drawn from a fixed seed
+    assert len({s.name for s in crowd}) == 30 and all(re.fullmatch(r"[a-z0-9_]+", s.name) for s in crowd)
+    assert [s.level for s in crowd[10:]] == [level for level in range(1, 6) for _ in range(world2.CROWD_PER_LEVEL)]
+    pairs = [(s.layers[0].shape, s.layers[0].color) for s in crowd]
+    assert len(set(pairs)) == 30  # no two on the same shape of the same colour
+    for subject in crowd[10:]:
+        assert all(layer.color2 != layer.color for layer in subject.layers if layer.pattern != "solid")
+    bits = {s.name: png_bits_per_pixel(s, rotations=world2.PNG_ROTATIONS) for s in crowd}
+    means = [statistics.fmean(bits[s.name] for s in crowd if s.level == level) for level in range(1, 6)]
+    assert means == sorted(means) and len(set(means)) == 5  # the measured complexity grows with the level
+
+
+def test_the_crowd_is_written_as_its_own_dataset(tmp_path):
+    root = world2.write_world2_subjects(tmp_path / "crowd", size=32, crowd=True)
+    meta = json.loads((root / "subjects.json").read_text())
+    assert meta["version"] == world2.CROWD_DATASET_VERSION != world2.DATASET_VERSION
+    assert [entry["name"] for entry in meta["subjects"]] == [s.name for s in world2.CROWD_SUBJECTS]
 
 
 def test_committed_world2_numbers_are_what_the_code_gives(base, written):

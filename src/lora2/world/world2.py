@@ -162,10 +162,12 @@ SUBJECTS: tuple[Subject, ...] = (
 )
 
 
-def write_world2_subjects(root: Path, size: int = IMAGE_SIZE, quality: int = 95) -> Path:
-    """Write the second world's subject dataset (DreamBooth layout, as ``subjects.write_subjects``) to ``root``."""
+def write_world2_subjects(root: Path, size: int = IMAGE_SIZE, quality: int = 95, crowd: bool = False) -> Path:
+    """Write the second world's subject dataset (DreamBooth layout, as ``subjects.write_subjects``) to ``root``:
+    ``SUBJECTS``, or with ``crowd`` the thirty of ``CROWD_SUBJECTS``."""
+    subjects, version = (CROWD_SUBJECTS, CROWD_DATASET_VERSION) if crowd else (SUBJECTS, DATASET_VERSION)
     return write_subjects(
-        root, size=size, quality=quality, subjects=SUBJECTS, version=DATASET_VERSION, png_rotations=PNG_ROTATIONS
+        root, size=size, quality=quality, subjects=subjects, version=version, png_rotations=PNG_ROTATIONS
     )
 
 
@@ -296,3 +298,70 @@ def detail_pairs(families: int, seed: int, size: int, workers: int = 1) -> tuple
     """``stack_detail_pairs(submit_detail_pairs(...))`` rendered by ``render_pool(workers)``."""
     with render_pool(workers) as pool:
         return stack_detail_pairs(submit_detail_pairs(families, seed, size, pool))
+
+
+# ---------------------------------------------------------------------- the crowd (thirty subjects, one adapter)
+# SUBJECTS and twenty more drawn at random, four at each level, built as the designed ones are: a flat shape (1); a
+# shape with one or two glyph plaques (2); a shape whose inner shape is patterned (3); a shape with one or two bead
+# rings of three to five colours (4); a patterned shape with beads and a glyph plaque (5). Trained into one adapter,
+# they are a test of how many subjects a low rank holds (docs/WORLD.md, "The crowd").
+CROWD_SEED = 19
+CROWD_PER_LEVEL = 4
+CROWD_VERSION = "1"
+CROWD_DATASET_VERSION = f"{DATASET_VERSION}.crowd{CROWD_VERSION}"
+# The drawn subjects' round trip through the base's VAE (as VAE_MIN_PSNR): 22.9 dB at the least (salmon_star_5a, a
+# patterned star with beads and glyphs), the others 25.6 dB or more; measured after the crowd gate ran on them.
+CROWD_VAE_MIN_PSNR = 22.5
+_CLASS_OF_SHAPE = {"star8": "star"}
+
+
+def _crowd_layers(level: int, shape: str, color: str, rng: np.random.Generator) -> tuple[Layer, ...]:
+    """The layers of one drawn subject of ``level`` on a ``shape`` of ``color`` (a pattern's second colour differs
+    from ``color``)."""
+    base = Layer(shape, color)
+    other = next(c for c in _colors(rng, 2) if c != color)
+    if level == 1:
+        return (base,)
+    if level == 2:
+        return (base,) + sum((_detail("glyphs", slot, rng) for slot in range(int(rng.integers(1, 3)))), ())
+    if level == 3:
+        pattern, period = str(rng.choice(DETAIL_PATTERNS)), float(rng.choice(DETAIL_PERIODS))
+        return (base, Layer(shape, color, (0.72, 0.72), pattern=pattern, color2=other, period=period))
+    if level == 4:
+        rings = _ring_of(int(rng.integers(10, 14)), 0.76, 0.13, _colors(rng, int(rng.integers(3, 6))))
+        if rng.random() < 0.5:
+            rings += _ring_of(int(rng.integers(6, 9)), 0.45, 0.12, _colors(rng, 2), phase=math.pi / 8)
+        return (base,) + rings
+    pattern, period = str(rng.choice(DETAIL_PATTERNS)), float(rng.choice(DETAIL_PERIODS))
+    return (
+        Layer(shape, color, pattern=pattern, color2=other, period=period),
+        *_ring_of(int(rng.integers(8, 12)), 0.76, 0.11, _colors(rng, 3)),
+        *_detail("glyphs", int(rng.integers(2)), rng),
+    )
+
+
+def crowd_subjects(per_level: int = CROWD_PER_LEVEL, seed: int = CROWD_SEED) -> tuple[Subject, ...]:
+    """``per_level`` subjects at each of the five levels drawn from ``seed``, named ``<colour>_<class>_<level><k>``;
+    no two share (shape, colour), and none the (shape, colour) of a designed subject."""
+    if not 1 <= per_level <= 8:
+        raise ValueError(f"per_level must lie in [1, 8] (subjects are lettered a-h), got {per_level!r}")
+    rng = np.random.default_rng(seed)
+    taken = {(s.layers[0].shape, s.layers[0].color) for s in SUBJECTS}
+    drawn = []
+    for level in range(1, 6):
+        for k in range(per_level):
+            while (pair := (str(rng.choice(DETAIL_SHAPES)), _colors(rng, 1)[0])) in taken:
+                pass
+            taken.add(pair)
+            shape, color = pair
+            class_name = _CLASS_OF_SHAPE.get(shape, shape)
+            layers = _crowd_layers(level, shape, color, rng)
+            parts = f"{len(layers) - 1} parts" if len(layers) > 1 else "flat"
+            description = f"a {color} {class_name}, level {level}, {parts} (drawn)"
+            drawn.append(
+                Subject(f"{color}_{class_name}_{level}{'abcdefgh'[k]}", class_name, description, layers, level)
+            )
+    return tuple(drawn)
+
+
+CROWD_SUBJECTS: tuple[Subject, ...] = SUBJECTS + crowd_subjects()
