@@ -256,18 +256,18 @@ def _world(args: argparse.Namespace, out: Path) -> dict[str, Path]:
     return paths
 
 
-def _subjects_root(args: argparse.Namespace, out: Path) -> Path:
-    """The world2 subject dataset (with ``--crowd`` the thirty subjects), written once into ``out/subjects``
+def _subjects_root(args: argparse.Namespace, out: Path, crowd: bool = False) -> Path:
+    """The world2 subject dataset (with ``crowd`` the thirty subjects), written once into ``out/subjects``
     (deterministic), unless ``--data-root``. A folder written for the other set is an error."""
     if args.data_root:
         return Path(args.data_root)
     from lora2.world.world2 import CROWD_DATASET_VERSION, DATASET_VERSION, write_world2_subjects
 
     root = out / "subjects"
-    version = CROWD_DATASET_VERSION if args.crowd else DATASET_VERSION
+    version = CROWD_DATASET_VERSION if crowd else DATASET_VERSION
     meta = root / "subjects.json"
     if not meta.is_file():
-        write_world2_subjects(root, crowd=args.crowd)
+        write_world2_subjects(root, crowd=crowd)
     written = json.loads(meta.read_text(encoding="utf-8"))["version"]
     if written != version:
         raise ValueError(f"{root} holds the subjects of dataset {written}, not {version}: use a new --out")
@@ -401,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + args.time_limit if args.time_limit else None
     world = _world(args, out)
-    root = _subjects_root(args, out)
+    root = _subjects_root(args, out, args.crowd)
     subjects = list(args.subjects or complexities(root))
     ranks, lrs = tuple(args.ranks), tuple(args.learning_rates)
     for needed in () if args.sweep_only else (*LOW_RANKS[:1], HIGH_RANK):

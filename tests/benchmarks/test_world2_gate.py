@@ -9,7 +9,6 @@ import math
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -197,7 +196,7 @@ def test_the_crowd_trains_thirty_subjects_in_one_folder_of_its_own_dataset(gate,
     args = seen["args"]
     assert args.multi and args.steps == gate.CROWD["steps"] and "train_batch_size=12" in args.train_arg
     assert args.eval_arg == ["num_images=1", "max_prompts=3"]  # the protocol's evaluation, then the options given
-    root = gate._subjects_root(args, tmp_path / "g")
+    root = gate._subjects_root(args, tmp_path / "g", crowd=args.crowd)
     assert json.loads((root / "subjects.json").read_text())["version"] == CROWD_DATASET_VERSION
     names = [s.name for s in CROWD_SUBJECTS]
     identifiers = gate.write_multi_subject(root, names, tmp_path / "g" / "multi", gate.CROWD_SUBJECT)
@@ -205,9 +204,7 @@ def test_the_crowd_trains_thirty_subjects_in_one_folder_of_its_own_dataset(gate,
     folder = load_subject(tmp_path / "g" / "multi" / gate.CROWD_SUBJECT)  # its own prompts file names the folder
     assert folder.class_name == "object" and len(folder.image_paths) == 150
     with pytest.raises(ValueError, match="holds the subjects of dataset"):
-        gate._subjects_root(
-            SimpleNamespace(**{**vars(args), "crowd": False}), tmp_path / "g"
-        )  # the ten need a folder of their own
+        gate._subjects_root(args, tmp_path / "g")  # the ten need a folder of their own
 
 
 def test_the_multi_subject_gate_end_to_end_on_a_tiny_world(gate, tmp_path):
