@@ -101,19 +101,13 @@ MULTI_SUBJECT = "ten_subjects"
 IDENTIFIERS = ("sks", "zwx", "qrv", "jkp", "vbn", "xtl", "wmf", "dgh", "pzk", "ykb",
                "fjc", "hwq", "lzm", "gtd", "bvx", "cnk", "mrj", "tpw", "dkz", "svq",
                "yhg", "nxb", "wcf", "kjt", "rqm", "pgv", "zdl", "xbh", "jmw", "qtn")  # fmt: skip
-MULTI = {
-    "steps": 750,
-    "train_args": ("train_batch_size=4", "identifier=a", "instance_prompt='a sks object'"),
-}
+KEEP_CAPTIONS = ("identifier=a", "instance_prompt='a sks object'")
+MULTI = {"steps": 750, "train_args": ("train_batch_size=4", *KEEP_CAPTIONS), "eval_args": EVAL_ARGS}
 # --crowd: the thirty subjects of lora2.world.world2.CROWD_SUBJECTS in one adapter. Batch 12, so that 750 steps are
 # again 60 passes over the images (150), and one image for each of the 25 prompts per subject in the evaluation, so
 # that an adapter's thirty evaluations cost about what the ten subjects' two images a prompt cost.
 CROWD_SUBJECT = "thirty_subjects"
-CROWD = {
-    "steps": 750,
-    "train_args": ("train_batch_size=12", "identifier=a", "instance_prompt='a sks object'"),
-    "eval_args": ("num_images=1",),
-}
+CROWD = {"steps": 750, "train_args": ("train_batch_size=12", *KEEP_CAPTIONS), "eval_args": ("num_images=1",)}
 SUBJECT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a subject name that may name a file (eval_<subject>.json)
 
 Scores = dict[tuple[str, str, int], float]  # (subject, method, seed) -> DINO
@@ -402,12 +396,12 @@ def run(args: argparse.Namespace) -> int:
     deadline = time.time() + args.time_limit if args.time_limit else None
     world = _world(args, out)
     root = _subjects_root(args, out, args.crowd)
-    subjects = list(args.subjects or complexities(root))
+    complexity = complexities(root)
+    subjects = list(args.subjects or complexity)
     ranks, lrs = tuple(args.ranks), tuple(args.learning_rates)
     for needed in () if args.sweep_only else (*LOW_RANKS[:1], HIGH_RANK):
         if needed not in ranks:
             raise ValueError(f"--ranks {ranks} must include the gate's ranks {LOW_RANKS[0]} and {HIGH_RANK}")
-    complexity = complexities(root)
     if args.multi:  # one bench subject, the folder of all of them; scores per subject from its eval job
         name = CROWD_SUBJECT if args.crowd else MULTI_SUBJECT
         write_multi_subject(root, subjects, out / "multi", name)
@@ -525,7 +519,7 @@ def _parser() -> argparse.ArgumentParser:
     gate.add_argument("--parallel", type=int, default=1, help="concurrent jobs (per GPU, or on the CPU)")
     gate.add_argument("--time-limit", type=float, help="seconds for the whole command; the next call resumes")
     gate.add_argument("--train-arg", action="append", default=list(TRAIN_ARGS), help="KEY=VALUE for every train")
-    gate.add_argument("--eval-arg", action="append", default=list(EVAL_ARGS), help="KEY=VALUE for every eval")
+    gate.add_argument("--eval-arg", action="append", default=[], help="KEY=VALUE for every eval, after the protocol's")
     multi = sub.add_parser("eval-multi", help="evaluate a multi-subject run per subject (the bench's eval job)")
     multi.add_argument("--run", required=True, help="the run folder")
     multi.add_argument("--subjects-root", required=True, help="the subjects' DreamBooth root")
@@ -553,10 +547,11 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_multi(Path(args.run), Path(args.subjects_root), identifiers, options)
         return 0
     args.multi = args.multi or args.crowd
-    protocol = CROWD if args.crowd else MULTI if args.multi else {"steps": 300, "train_args": ()}
+    protocol = (
+        CROWD if args.crowd else MULTI if args.multi else {"steps": 300, "train_args": (), "eval_args": EVAL_ARGS}
+    )
     args.steps = args.steps or protocol["steps"]
-    if "eval_args" in protocol:  # the protocol's evaluation replaces the default one (options given still follow)
-        args.eval_arg = [*protocol["eval_args"], *args.eval_arg[len(EVAL_ARGS) :]]
+    args.eval_arg = [*protocol["eval_args"], *args.eval_arg]
     if args.tiny:
         args.ranks, args.learning_rates = list(TINY["ranks"]), list(TINY["learning_rates"])
         args.subjects, args.steps = list(TINY["subjects"]), TINY["steps"]
