@@ -20,7 +20,9 @@ bench over one training folder, ``MULTI_SUBJECT``, that holds every subject's in
 protocol ``MULTI`` (61 passes over the 49 images, as 300 steps are over one subject's 5), and evaluated subject by
 subject with its identifier (``eval-multi``, the bench's eval job: ``eval_<subject>.json`` each, and ``eval.json``
 with every subject's scores and their means). The gate's pairs stay (subject, seed). ``--crowd`` does the same for the
-thirty subjects of ``lora2.world.world2.CROWD_SUBJECTS`` (the ten and twenty drawn ones), protocol ``CROWD``.
+thirty subjects of ``lora2.world.world2.CROWD_SUBJECTS`` (the ten and twenty drawn ones), protocol ``CROWD``, and
+``--families`` for the thirty of ``FAMILY_SUBJECTS`` (six families of one class and colour, five levels each: the
+members of a family differ only in their detail), protocol ``CROWD`` too.
 
 Writes ``<out>/world2_gate.json`` (exactly the issue's keys) and ``<out>/world2_gate_cells.json`` (best learning
 rates, every rank's mean DINO, the verdict, the per-subject gaps). ``--tiny`` runs the same chain end to end at
@@ -34,6 +36,7 @@ usage:
     python benchmarks/world2_gate.py run --world DIR --out DIR [--parallel 16] [--time-limit 540]
     python benchmarks/world2_gate.py run --multi --world DIR --out DIR [--parallel 16] [--time-limit 540]
     python benchmarks/world2_gate.py run --crowd --world DIR --out DIR [--parallel 16] [--time-limit 540]
+    python benchmarks/world2_gate.py run --families --learning-rates 1e-3 3e-3 1e-2 --world DIR --out DIR
     python benchmarks/world2_gate.py run --tiny [--multi | --crowd] --out /tmp/gate_tiny [--world DIR]
     python benchmarks/world2_gate.py run --crowd --sweep-only --ranks 4 --learning-rates 1e-2 --world DIR --out DIR
     python benchmarks/world2_gate.py describe [--json benchmarks/results/world2_config.json]
@@ -105,7 +108,8 @@ KEEP_CAPTIONS = ("identifier=a", "instance_prompt='a sks object'")
 MULTI = {"steps": 750, "train_args": ("train_batch_size=4", *KEEP_CAPTIONS), "eval_args": EVAL_ARGS}
 # --crowd: the thirty subjects of lora2.world.world2.CROWD_SUBJECTS in one adapter. Batch 12, so that 750 steps are
 # again 60 passes over the images (150), and one image for each of the 25 prompts per subject in the evaluation, so
-# that an adapter's thirty evaluations cost about what the ten subjects' two images a prompt cost.
+# that an adapter's thirty evaluations cost about what the ten subjects' two images a prompt cost. --families trains
+# the thirty of FAMILY_SUBJECTS (six families, five levels each) the same way.
 CROWD_SUBJECT = "thirty_subjects"
 CROWD = {"steps": 750, "train_args": ("train_batch_size=12", *KEEP_CAPTIONS), "eval_args": ("num_images=1",)}
 SUBJECT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a subject name that may name a file (eval_<subject>.json)
@@ -250,18 +254,18 @@ def _world(args: argparse.Namespace, out: Path) -> dict[str, Path]:
     return paths
 
 
-def _subjects_root(args: argparse.Namespace, out: Path, crowd: bool = False) -> Path:
-    """The world2 subject dataset (with ``crowd`` the thirty subjects), written once into ``out/subjects``
-    (deterministic), unless ``--data-root``. A folder written for the other set is an error."""
+def _subjects_root(args: argparse.Namespace, out: Path, subject_set: str = "designed") -> Path:
+    """The world2 subject dataset ``subject_set`` (``lora2.world.world2.SUBJECT_SETS``), written once into
+    ``out/subjects`` (deterministic), unless ``--data-root``. A folder written for another set is an error."""
     if args.data_root:
         return Path(args.data_root)
-    from lora2.world.world2 import CROWD_DATASET_VERSION, DATASET_VERSION, write_world2_subjects
+    from lora2.world.world2 import SUBJECT_SETS, write_world2_subjects
 
     root = out / "subjects"
-    version = CROWD_DATASET_VERSION if crowd else DATASET_VERSION
+    version = SUBJECT_SETS[subject_set][1]
     meta = root / "subjects.json"
     if not meta.is_file():
-        write_world2_subjects(root, crowd=crowd)
+        write_world2_subjects(root, subject_set=subject_set)
     written = json.loads(meta.read_text(encoding="utf-8"))["version"]
     if written != version:
         raise ValueError(f"{root} holds the subjects of dataset {written}, not {version}: use a new --out")
@@ -395,7 +399,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + args.time_limit if args.time_limit else None
     world = _world(args, out)
-    root = _subjects_root(args, out, args.crowd)
+    root = _subjects_root(args, out, args.subject_set)
     complexity = complexities(root)
     subjects = list(args.subjects or complexity)
     ranks, lrs = tuple(args.ranks), tuple(args.learning_rates)
@@ -403,7 +407,7 @@ def run(args: argparse.Namespace) -> int:
         if needed not in ranks:
             raise ValueError(f"--ranks {ranks} must include the gate's ranks {LOW_RANKS[0]} and {HIGH_RANK}")
     if args.multi:  # one bench subject, the folder of all of them; scores per subject from its eval job
-        name = CROWD_SUBJECT if args.crowd else MULTI_SUBJECT
+        name = MULTI_SUBJECT if args.subject_set == "designed" else CROWD_SUBJECT
         write_multi_subject(root, subjects, out / "multi", name)
         bench_root, bench_subjects, scores_of = out / "multi", [name], partial(multi_scores, name=name)
         eval_command = _eval_multi_command(root, out / "multi" / "identifiers.json")
@@ -511,7 +515,11 @@ def _parser() -> argparse.ArgumentParser:
     gate.add_argument("--data-root", help="subject folders (default: the world2 subjects, written into OUT)")
     gate.add_argument("--subjects", nargs="+", help="subject names (default: all under the data root)")
     gate.add_argument("--multi", action="store_true", help="one adapter for all subjects (protocol MULTI)")
-    gate.add_argument("--crowd", action="store_true", help="--multi over the thirty crowd subjects (CROWD)")
+    thirty = gate.add_mutually_exclusive_group()  # the subject set (lora2.world.world2.SUBJECT_SETS)
+    thirty.add_argument("--crowd", dest="subject_set", action="store_const", const="crowd", default="designed",
+                        help="--multi over the thirty crowd subjects (CROWD)")  # fmt: skip
+    thirty.add_argument("--families", dest="subject_set", action="store_const", const="families",
+                        help="--multi over the six families' thirty subjects (CROWD)")  # fmt: skip
     gate.add_argument("--sweep-only", action="store_true", help="only the seed-0 cells of --ranks x --learning-rates")
     gate.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     gate.add_argument("--learning-rates", nargs="+", default=list(LEARNING_RATES))
@@ -546,10 +554,11 @@ def main(argv: list[str] | None = None) -> int:
         identifiers = json.loads(Path(args.identifiers).read_text(encoding="utf-8"))
         evaluate_multi(Path(args.run), Path(args.subjects_root), identifiers, options)
         return 0
-    args.multi = args.multi or args.crowd
-    protocol = (
-        CROWD if args.crowd else MULTI if args.multi else {"steps": 300, "train_args": (), "eval_args": EVAL_ARGS}
-    )
+    args.multi = args.multi or args.subject_set != "designed"
+    if args.subject_set != "designed":  # thirty subjects, one adapter
+        protocol = CROWD
+    else:
+        protocol = MULTI if args.multi else {"steps": 300, "train_args": (), "eval_args": EVAL_ARGS}
     args.steps = args.steps or protocol["steps"]
     args.eval_arg = [*protocol["eval_args"], *args.eval_arg]
     if args.tiny:

@@ -196,7 +196,7 @@ def test_the_crowd_trains_thirty_subjects_in_one_folder_of_its_own_dataset(gate,
     args = seen["args"]
     assert args.multi and args.steps == gate.CROWD["steps"] and "train_batch_size=12" in args.train_arg
     assert args.eval_arg == ["num_images=1", "max_prompts=3"]  # the protocol's evaluation, then the options given
-    root = gate._subjects_root(args, tmp_path / "g", crowd=args.crowd)
+    root = gate._subjects_root(args, tmp_path / "g", args.subject_set)
     assert json.loads((root / "subjects.json").read_text())["version"] == CROWD_DATASET_VERSION
     names = [s.name for s in CROWD_SUBJECTS]
     identifiers = gate.write_multi_subject(root, names, tmp_path / "g" / "multi", gate.CROWD_SUBJECT)
@@ -205,6 +205,22 @@ def test_the_crowd_trains_thirty_subjects_in_one_folder_of_its_own_dataset(gate,
     assert folder.class_name == "object" and len(folder.image_paths) == 150
     with pytest.raises(ValueError, match="holds the subjects of dataset"):
         gate._subjects_root(args, tmp_path / "g")  # the ten need a folder of their own
+
+
+def test_the_families_train_in_one_folder_of_their_own_dataset(gate, tmp_path, monkeypatch):
+    from lora2.world.world2 import FAMILY_DATASET_VERSION, FAMILY_SUBJECTS
+
+    seen = {}
+    monkeypatch.setattr(gate, "run", lambda args: seen.setdefault("args", args) and 0)
+    gate.main(["run", "--families", "--world", str(tmp_path), "--out", str(tmp_path / "g")])
+    args = seen["args"]
+    assert args.multi and args.steps == gate.CROWD["steps"] and args.eval_arg == ["num_images=1"]
+    root = gate._subjects_root(args, tmp_path / "g", args.subject_set)
+    assert json.loads((root / "subjects.json").read_text())["version"] == FAMILY_DATASET_VERSION
+    names = [s.name for s in FAMILY_SUBJECTS]
+    assert list(gate.write_multi_subject(root, names, tmp_path / "g" / "multi", gate.CROWD_SUBJECT)) == names
+    with pytest.raises(SystemExit):
+        gate.main(["run", "--families", "--crowd", "--world", str(tmp_path), "--out", str(tmp_path / "h")])
 
 
 def test_the_multi_subject_gate_end_to_end_on_a_tiny_world(gate, tmp_path):

@@ -71,8 +71,12 @@ def test_world2_unet_has_hundreds_of_adapted_layers_of_several_widths(base):
 
 @pytest.mark.parametrize(
     ("subjects", "min_psnr"),
-    [(world2.SUBJECTS, world2.VAE_MIN_PSNR), (world2.CROWD_SUBJECTS[10:], world2.CROWD_VAE_MIN_PSNR)],
-    ids=["designed", "drawn"],
+    [
+        (world2.SUBJECTS, world2.VAE_MIN_PSNR),
+        (world2.CROWD_SUBJECTS[10:], world2.CROWD_VAE_MIN_PSNR),
+        (world2.FAMILY_SUBJECTS, world2.VAE_MIN_PSNR),
+    ],
+    ids=["designed", "drawn", "families"],
 )
 def test_world2_detail_survives_the_base_vae(subjects, min_psnr):
     """Each subject's detail is drawn at a scale the VAE carries: its 128-px render on white comes back through the
@@ -102,10 +106,32 @@ def test_the_crowd_is_the_designed_ten_and_twenty_drawn_graded_subjects():
 
 
 def test_the_crowd_is_written_as_its_own_dataset(tmp_path):
-    root = world2.write_world2_subjects(tmp_path / "crowd", size=32, crowd=True)
+    root = world2.write_world2_subjects(tmp_path / "crowd", size=32, subject_set="crowd")
     meta = json.loads((root / "subjects.json").read_text())
     assert meta["version"] == world2.CROWD_DATASET_VERSION != world2.DATASET_VERSION
     assert [entry["name"] for entry in meta["subjects"]] == [s.name for s in world2.CROWD_SUBJECTS]
+
+
+def test_the_families_are_six_shapes_of_one_colour_each_at_five_levels():
+    families = world2.FAMILY_SUBJECTS
+    assert world2.family_subjects() == families and len(families) == 30  # drawn from a fixed seed
+    assert len({s.name for s in families}) == 30 and all(re.fullmatch(r"[a-z0-9_]+", s.name) for s in families)
+    assert [s.level for s in families] == [level for _ in range(world2.FAMILY_COUNT) for level in range(1, 6)]
+    heads = [families[k : k + 5] for k in range(0, 30, 5)]
+    assert len({f[0].class_name for f in heads}) == len({f[0].layers[0].color for f in heads}) == 6
+    for family in heads:  # one class and one colour, whose flat shape is the family's first member
+        assert {s.class_name for s in family} == {family[0].class_name} and family[0].layers == family[0].layers[:1]
+        assert {s.layers[0].color for s in family} == {family[0].layers[0].color}
+    bits = {s.name: png_bits_per_pixel(s, rotations=world2.PNG_ROTATIONS) for s in families}
+    means = [statistics.fmean(bits[s.name] for s in families if s.level == level) for level in range(1, 6)]
+    assert means == sorted(means) and len(set(means)) == 5  # the measured complexity grows with the level
+    with pytest.raises(ValueError, match="families must lie"):
+        world2.family_subjects(families=8)
+
+
+def test_an_unknown_subject_set_is_named(tmp_path):
+    with pytest.raises(ValueError, match="'nope'"):
+        world2.write_world2_subjects(tmp_path / "x", size=32, subject_set="nope")
 
 
 def test_committed_world2_numbers_are_what_the_code_gives(base, written):

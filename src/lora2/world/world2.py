@@ -162,10 +162,14 @@ SUBJECTS: tuple[Subject, ...] = (
 )
 
 
-def write_world2_subjects(root: Path, size: int = IMAGE_SIZE, quality: int = 95, crowd: bool = False) -> Path:
-    """Write the second world's subject dataset (DreamBooth layout, as ``subjects.write_subjects``) to ``root``:
-    ``SUBJECTS``, or with ``crowd`` the thirty of ``CROWD_SUBJECTS``."""
-    subjects, version = (CROWD_SUBJECTS, CROWD_DATASET_VERSION) if crowd else (SUBJECTS, DATASET_VERSION)
+def write_world2_subjects(
+    root: Path, size: int = IMAGE_SIZE, quality: int = 95, subject_set: str = "designed"
+) -> Path:
+    """Write one of the second world's subject datasets (``SUBJECT_SETS``: the designed ten, the crowd or the
+    families; DreamBooth layout, as ``subjects.write_subjects``) to ``root``."""
+    if subject_set not in SUBJECT_SETS:
+        raise ValueError(f"subject_set must be one of {tuple(SUBJECT_SETS)}, got {subject_set!r}")
+    subjects, version = SUBJECT_SETS[subject_set]
     return write_subjects(
         root, size=size, quality=quality, subjects=subjects, version=version, png_rotations=PNG_ROTATIONS
     )
@@ -365,3 +369,39 @@ def crowd_subjects(per_level: int = CROWD_PER_LEVEL, seed: int = CROWD_SEED) -> 
 
 
 CROWD_SUBJECTS: tuple[Subject, ...] = SUBJECTS + crowd_subjects()
+
+
+# ---------------------------------------------------------------------- families (thirty subjects, one adapter)
+# Six families, each one shape of one colour (no two families share either) at the five levels: the flat shape, and
+# the same shape with glyph plaques, a patterned inner shape, bead rings, or all of them (as ``_crowd_layers``). The
+# class word names the family, so the five members differ only in their detail: what one adapter must hold beyond
+# "which subject is which" grows with the level (docs/WORLD.md, "Families").
+FAMILY_SEED = 26
+FAMILY_COUNT = 6
+FAMILY_VERSION = "1"
+FAMILY_DATASET_VERSION = f"{DATASET_VERSION}.families{FAMILY_VERSION}"
+
+
+def family_subjects(families: int = FAMILY_COUNT, seed: int = FAMILY_SEED) -> tuple[Subject, ...]:
+    """``families`` shapes of distinct classes and colours drawn from ``seed``, each at levels 1-5, named
+    ``<colour>_<class>_<level>``, family by family."""
+    if not 1 <= families <= len(DETAIL_SHAPES):
+        raise ValueError(f"families must lie in [1, {len(DETAIL_SHAPES)}] (one class each), got {families!r}")
+    rng = np.random.default_rng(seed)
+    shapes = [str(shape) for shape in rng.choice(DETAIL_SHAPES, size=families, replace=False)]
+    subjects = []
+    for shape, color in zip(shapes, _colors(rng, families)):
+        class_name = _CLASS_OF_SHAPE.get(shape, shape)
+        for level in range(1, 6):
+            layers = _crowd_layers(level, shape, color, rng)
+            description = f"a {color} {class_name}, level {level} of its family (drawn)"
+            subjects.append(Subject(f"{color}_{class_name}_{level}", class_name, description, layers, level))
+    return tuple(subjects)
+
+
+FAMILY_SUBJECTS: tuple[Subject, ...] = family_subjects()
+SUBJECT_SETS: dict[str, tuple[tuple[Subject, ...], str]] = {
+    "designed": (SUBJECTS, DATASET_VERSION),
+    "crowd": (CROWD_SUBJECTS, CROWD_DATASET_VERSION),
+    "families": (FAMILY_SUBJECTS, FAMILY_DATASET_VERSION),
+}
