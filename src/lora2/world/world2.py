@@ -374,8 +374,9 @@ CROWD_SUBJECTS: tuple[Subject, ...] = SUBJECTS + crowd_subjects()
 # ---------------------------------------------------------------------- families (thirty subjects, one adapter)
 # Six families, each one shape of one colour (no two families share either) at the five levels: the flat shape, and
 # the same shape with glyph plaques, a patterned inner shape, bead rings, or all of them (as ``_crowd_layers``). The
-# class word names the family, so the five members differ only in their detail: what one adapter must hold beyond
-# "which subject is which" grows with the level (docs/WORLD.md, "Families").
+# class word names the family, so the five members differ only in their detail: built so that what one adapter must
+# hold beyond "which family" grows with the level (measured on one H200: the gap of rank 4 to rank 64 follows the
+# family instead; docs/WORLD.md, "Families").
 FAMILY_SEED = 26
 FAMILY_COUNT = 6
 FAMILY_VERSION = "1"
