@@ -10,14 +10,21 @@ evaluator see it?
   "altered" differ in the detail alone: an evaluator that sees it scores "altered" below "same"; one that is blind
   to it scores them alike. "pose_matched" is the cosine between a view and the same view with the detail altered
   (1 for an evaluator blind to the detail).
+* ``confusion``: how far each subject of a set stands from the others in the DINO evaluator's eyes (its rendered
+  instance views' mean embedding): ``nearest``, 1 − the highest cosine to another subject, and ``class``, 1 − the
+  cosine to the mean of its prompt class's other members; then Spearman ρ of each with a gate's per-subject gap
+  (``subject_gap`` of a ``world2_gate_cells.json``: rank 64 − the low rank) and with the subjects' complexity. A gap
+  that falls with distance is a low rank confusing look-alike subjects.
 
 ``--subjects FILE`` takes the subject set from a Python file that defines ``SUBJECTS`` (an earlier version of
-``src/lora2/world/world2.py``, e.g. from ``git show``); the default is the current one. Results go to stdout and,
+``src/lora2/world/world2.py``, e.g. from ``git show``); the default is the current one, ``--set`` names another of
+its sets (``world2.SUBJECT_SETS``). Results go to stdout and,
 with ``--json``, into a file (merged under ``--label``).
 
 usage:
     python benchmarks/world2_checks.py vae --vae DIR [--subjects FILE] [--json F --label L]
     python benchmarks/world2_checks.py dino --dino DIR [--subjects FILE] [--json F --label L]
+    python benchmarks/world2_checks.py confusion --dino DIR --set families --gate-cells FILE [--json F --label L]
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from lora2.world import world2
 from lora2.world.subjects import Subject, instance_views, render_subject
@@ -41,10 +49,10 @@ ALTERED_COLORS = {"magenta": "teal", "teal": "gold", "gold": "magenta", "navy": 
 PERIODIC = ("striped", "checkered", "grid", "rings")
 
 
-def load_subjects(path: str | None) -> tuple[Subject, ...]:
-    """``SUBJECTS`` of a Python file, or the current second-world set."""
+def load_subjects(path: str | None, subject_set: str = "designed") -> tuple[Subject, ...]:
+    """``SUBJECTS`` of a Python file, or the current second world's set ``subject_set``."""
     if path is None:
-        return world2.SUBJECTS
+        return world2.SUBJECT_SETS[subject_set][0]
     spec = importlib.util.spec_from_file_location("subjects_file", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -108,26 +116,78 @@ def dino_probe(dino_dir: str, subjects: tuple[Subject, ...], views: int = 4) -> 
     return result
 
 
+def distinctness(embeddings: dict[str, torch.Tensor], classes: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Per subject, from the mean of its unit embeddings (views×d): ``nearest``, 1 − its highest cosine to another
+    subject, and ``class``, 1 − its cosine to the mean of its class's other members (absent when it has none)."""
+    unit = {name: F.normalize(views.mean(0), dim=0) for name, views in embeddings.items()}  # d each
+    result = {}
+    for name, own in unit.items():
+        others = [n for n in unit if n != name]
+        row = {"nearest": round(1 - max(float(own @ unit[n]) for n in others), 4)}
+        peers = [n for n in others if classes[n] == classes[name]]
+        if peers:
+            row["class"] = round(1 - float(own @ F.normalize(torch.stack([unit[n] for n in peers]).mean(0), dim=0)), 4)
+        result[name] = row
+    return result
+
+
+def confusion(dino_dir: str, subjects: tuple[Subject, ...], gate_cells: str, views: int = 4) -> dict:
+    """``distinctness`` of ``subjects`` (their rendered instance views) and its Spearman ρ with the per-subject gap
+    and the complexity recorded in ``gate_cells`` (module docstring)."""
+    from transformers import ViTImageProcessor, ViTModel
+
+    from lora2.eval.report import spearman
+    from lora2.world.evaluators import dino_embed
+
+    cells = json.loads(Path(gate_cells).read_text(encoding="utf-8"))
+    gap, complexity = cells["subject_gap"], cells["complexity_png_bits_per_pixel"]
+    missing = [s.name for s in subjects if s.name not in gap]
+    if missing:
+        raise ValueError(f"{gate_cells} has no gap for subject(s) {missing}: give the set its gate ran on (--set)")
+    model = ViTModel.from_pretrained(dino_dir).eval()
+    processor = ViTImageProcessor.from_pretrained(dino_dir)
+    embeddings = {}
+    for index, subject in enumerate(subjects):
+        renders = [render_subject(subject, 128, **view) for view in instance_views(index, views)]
+        with torch.no_grad():
+            embeddings[subject.name] = dino_embed(model, processor, renders)  # views×d
+    measured = distinctness(embeddings, {s.name: s.class_name for s in subjects})
+    rho = {}
+    for measure in ("nearest", "class"):
+        names = [s.name for s in subjects if measure in measured[s.name]]
+        if len(names) > 2:
+            values = [measured[n][measure] for n in names]
+            rho[f"{measure}_vs_gap"] = round(spearman(values, [gap[n] for n in names]), 4)
+            rho[f"{measure}_vs_complexity"] = round(spearman(values, [complexity[n] for n in names]), 4)
+    return {"gate_cells": gate_cells, "spearman": rho, "subjects": measured}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("check", choices=("vae", "dino"))
+    parser.add_argument("check", choices=("vae", "dino", "confusion"))
     parser.add_argument("--vae", help="a VAE folder (AutoencoderKL)")
     parser.add_argument("--dino", help="a DINO evaluator folder (ViTModel + processor)")
     parser.add_argument("--subjects", help="a Python file defining SUBJECTS (default: the current world2 set)")
+    parser.add_argument("--set", default="designed", choices=tuple(world2.SUBJECT_SETS), help="world2's subject set")
+    parser.add_argument("--gate-cells", help="confusion: a world2_gate_cells.json (its subject_gap)")
     parser.add_argument("--json", help="merge the result into this file under --label")
     parser.add_argument("--label", help="the result's key in --json")
     args = parser.parse_args(argv)
     if args.json and not args.label:
         parser.error("--json needs --label")
-    subjects = load_subjects(args.subjects)
+    subjects = load_subjects(args.subjects, args.set)
     if args.check == "vae":
         if not args.vae:
             parser.error("vae needs --vae DIR")
         result = vae_psnr(args.vae, subjects)
-    else:
-        if not args.dino:
-            parser.error("dino needs --dino DIR")
+    elif not args.dino:
+        parser.error(f"{args.check} needs --dino DIR")
+    elif args.check == "dino":
         result = dino_probe(args.dino, subjects)
+    else:
+        if not args.gate_cells:
+            parser.error("confusion needs --gate-cells FILE")
+        result = confusion(args.dino, subjects, args.gate_cells)
     sys.stdout.write(json.dumps(result, indent=1) + "\n")
     if args.json:
         path = Path(args.json)
