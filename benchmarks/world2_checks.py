@@ -34,6 +34,7 @@ import importlib.util
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -87,8 +88,9 @@ def altered(subject: Subject) -> Subject:
     return replace(subject, layers=tuple(layers))
 
 
-def dino_probe(dino_dir: str, subjects: tuple[Subject, ...], views: int = 4) -> dict[str, dict[str, float]]:
-    """Mean cosine similarities "same", "altered" and "others" of each subject (module docstring)."""
+def view_embedder(dino_dir: str, views: int = 4) -> Callable[[Subject, int], torch.Tensor]:
+    """The DINO evaluator in ``dino_dir`` as a function of (subject, view index): the unit CLS embeddings (views×d)
+    of the subject's 128-px renders at ``instance_views(index, views)``."""
     from transformers import ViTImageProcessor, ViTModel
 
     from lora2.world.evaluators import dino_embed
@@ -98,6 +100,13 @@ def dino_probe(dino_dir: str, subjects: tuple[Subject, ...], views: int = 4) -> 
 
     def embed(subject: Subject, index: int) -> torch.Tensor:
         return dino_embed(model, processor, [render_subject(subject, 128, **v) for v in instance_views(index, views)])
+
+    return embed
+
+
+def dino_probe(dino_dir: str, subjects: tuple[Subject, ...], views: int = 4) -> dict[str, dict[str, float]]:
+    """Mean cosine similarities "same", "altered" and "others" of each subject (module docstring)."""
+    embed = view_embedder(dino_dir, views)
 
     own = {s.name: embed(s, i) for i, s in enumerate(subjects)}
     result = {}
@@ -134,23 +143,15 @@ def distinctness(embeddings: dict[str, torch.Tensor], classes: dict[str, str]) -
 def confusion(dino_dir: str, subjects: tuple[Subject, ...], gate_cells: str, views: int = 4) -> dict:
     """``distinctness`` of ``subjects`` (their rendered instance views) and its Spearman ρ with the per-subject gap
     and the complexity recorded in ``gate_cells`` (module docstring)."""
-    from transformers import ViTImageProcessor, ViTModel
-
     from lora2.eval.report import spearman
-    from lora2.world.evaluators import dino_embed
 
     cells = json.loads(Path(gate_cells).read_text(encoding="utf-8"))
     gap, complexity = cells["subject_gap"], cells["complexity_png_bits_per_pixel"]
     missing = [s.name for s in subjects if s.name not in gap]
     if missing:
         raise ValueError(f"{gate_cells} has no gap for subject(s) {missing}: give the set its gate ran on (--set)")
-    model = ViTModel.from_pretrained(dino_dir).eval()
-    processor = ViTImageProcessor.from_pretrained(dino_dir)
-    embeddings = {}
-    for index, subject in enumerate(subjects):
-        renders = [render_subject(subject, 128, **view) for view in instance_views(index, views)]
-        with torch.no_grad():
-            embeddings[subject.name] = dino_embed(model, processor, renders)  # views×d
+    embed = view_embedder(dino_dir, views)
+    embeddings = {subject.name: embed(subject, index) for index, subject in enumerate(subjects)}  # views×d each
     measured = distinctness(embeddings, {s.name: s.class_name for s in subjects})
     rho = {}
     for measure in ("nearest", "class"):
@@ -167,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("check", choices=("vae", "dino", "confusion"))
     parser.add_argument("--vae", help="a VAE folder (AutoencoderKL)")
     parser.add_argument("--dino", help="a DINO evaluator folder (ViTModel + processor)")
-    parser.add_argument("--subjects", help="a Python file defining SUBJECTS (default: the current world2 set)")
-    parser.add_argument("--set", default="designed", choices=tuple(world2.SUBJECT_SETS), help="world2's subject set")
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--subjects", help="a Python file defining SUBJECTS (default: the current world2 set)")
+    chosen.add_argument("--set", default="designed", choices=tuple(world2.SUBJECT_SETS), help="world2's subject set")
     parser.add_argument("--gate-cells", help="confusion: a world2_gate_cells.json (its subject_gap)")
     parser.add_argument("--json", help="merge the result into this file under --label")
     parser.add_argument("--label", help="the result's key in --json")

@@ -554,9 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         identifiers = json.loads(Path(args.identifiers).read_text(encoding="utf-8"))
         evaluate_multi(Path(args.run), Path(args.subjects_root), identifiers, options)
         return 0
-    args.multi = args.multi or args.subject_set != "designed"
     if args.subject_set != "designed":  # thirty subjects, one adapter
-        protocol = CROWD
+        args.multi, protocol = True, CROWD
     else:
         protocol = MULTI if args.multi else {"steps": 300, "train_args": (), "eval_args": EVAL_ARGS}
     args.steps = args.steps or protocol["steps"]
