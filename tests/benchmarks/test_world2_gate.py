@@ -207,20 +207,23 @@ def test_the_crowd_trains_thirty_subjects_in_one_folder_of_its_own_dataset(gate,
         gate._subjects_root(args, tmp_path / "g")  # the ten need a folder of their own
 
 
-def test_the_families_train_in_one_folder_of_their_own_dataset(gate, tmp_path, monkeypatch):
-    from lora2.world.world2 import FAMILY_DATASET_VERSION, FAMILY_SUBJECTS
+@pytest.mark.parametrize("subject_set", ["families", "lookalikes"])
+def test_a_thirty_subject_set_trains_in_one_folder_of_its_own_dataset(gate, tmp_path, monkeypatch, subject_set):
+    from lora2.world.world2 import SUBJECT_SETS
 
+    subjects, version = SUBJECT_SETS[subject_set]
     seen = {}
     monkeypatch.setattr(gate, "run", lambda args: seen.setdefault("args", args) and 0)
-    gate.main(["run", "--families", "--world", str(tmp_path), "--out", str(tmp_path / "g")])
+    gate.main(["run", f"--{subject_set}", "--world", str(tmp_path), "--out", str(tmp_path / "g")])
     args = seen["args"]
+    assert args.subject_set == subject_set
     assert args.multi and args.steps == gate.CROWD["steps"] and args.eval_arg == ["num_images=1"]
     root = gate._subjects_root(args, tmp_path / "g", args.subject_set)
-    assert json.loads((root / "subjects.json").read_text())["version"] == FAMILY_DATASET_VERSION
-    names = [s.name for s in FAMILY_SUBJECTS]
+    assert json.loads((root / "subjects.json").read_text())["version"] == version
+    names = [s.name for s in subjects]
     assert list(gate.write_multi_subject(root, names, tmp_path / "g" / "multi", gate.CROWD_SUBJECT)) == names
     with pytest.raises(SystemExit):
-        gate.main(["run", "--families", "--crowd", "--world", str(tmp_path), "--out", str(tmp_path / "h")])
+        gate.main(["run", f"--{subject_set}", "--crowd", "--world", str(tmp_path), "--out", str(tmp_path / "h")])
 
 
 def test_the_multi_subject_gate_end_to_end_on_a_tiny_world(gate, tmp_path):

@@ -75,8 +75,9 @@ def test_world2_unet_has_hundreds_of_adapted_layers_of_several_widths(base):
         (world2.SUBJECTS, world2.VAE_MIN_PSNR),
         (world2.CROWD_SUBJECTS[10:], world2.CROWD_VAE_MIN_PSNR),
         (world2.FAMILY_SUBJECTS, world2.VAE_MIN_PSNR),
+        (world2.LOOKALIKE_SUBJECTS, world2.CROWD_VAE_MIN_PSNR),
     ],
-    ids=["designed", "drawn", "families"],
+    ids=["designed", "drawn", "families", "lookalikes"],
 )
 def test_world2_detail_survives_the_base_vae(subjects, min_psnr):
     """Each subject's detail is drawn at a scale the VAE carries: its 128-px render on white comes back through the
@@ -127,6 +128,25 @@ def test_the_families_are_six_shapes_of_one_colour_each_at_five_levels():
     assert means == sorted(means) and len(set(means)) == 5  # the measured complexity grows with the level
     with pytest.raises(ValueError, match="families must lie"):
         world2.family_subjects(families=8)
+
+
+def test_the_lookalikes_are_five_groups_of_six_one_group_a_level():
+    subjects = world2.LOOKALIKE_SUBJECTS
+    assert world2.lookalike_subjects() == subjects and len(subjects) == 30  # drawn from a fixed seed
+    assert len({s.name for s in subjects}) == 30 and all(re.fullmatch(r"[a-z0-9_]+", s.name) for s in subjects)
+    groups = [subjects[k : k + 6] for k in range(0, 30, 6)]
+    assert [{s.level for s in group} for group in groups] == [{1}, {2}, {3}, {4}, {5}]
+    assert len({group[0].class_name for group in groups}) == 5  # one class a group, none shared
+    flat, *detailed = groups
+    assert all(s.layers == s.layers[:1] for s in flat) and len({s.layers[0].color for s in flat}) == 6
+    for group in detailed:  # one shape of one colour, no colour of another group, six different details
+        assert len({s.layers[0].color for s in group}) == 1 and len({s.layers for s in group}) == 6
+        assert group[0].layers[0].color not in {s.layers[0].color for s in subjects if s not in group}
+    bits = {s.name: png_bits_per_pixel(s, rotations=world2.PNG_ROTATIONS) for s in subjects}
+    means = [statistics.fmean(bits[s.name] for s in group) for group in groups]
+    assert means == sorted(means) and len(set(means)) == 5  # the measured complexity grows with the level
+    with pytest.raises(ValueError, match="group_size must lie"):
+        world2.lookalike_subjects(group_size=9)
 
 
 def test_an_unknown_subject_set_is_named(tmp_path):
