@@ -24,7 +24,8 @@ thirty subjects of ``lora2.world.world2.CROWD_SUBJECTS`` (the ten and twenty dra
 ``--families`` for the thirty of ``FAMILY_SUBJECTS`` (six families of one class and colour, five levels each: the
 members of a family differ only in their detail), protocol ``CROWD`` too, and ``--lookalikes`` for the thirty of
 ``LOOKALIKE_SUBJECTS`` (five groups of six look-alikes, one a level: six colours of a flat shape, then one shape and
-colour told apart by their level's detail alone).
+colour told apart by their level's detail alone), and ``--siblings`` for those of ``SIBLING_SUBJECTS`` (the same
+groups, but each detailed group a stem of one to four parts and its redrawings of one part).
 
 Writes ``<out>/world2_gate.json`` (exactly the issue's keys) and ``<out>/world2_gate_cells.json`` (best learning
 rates, every rank's mean DINO, the verdict, the per-subject gaps). ``--tiny`` runs the same chain end to end at
@@ -40,6 +41,7 @@ usage:
     python benchmarks/world2_gate.py run --crowd --world DIR --out DIR [--parallel 16] [--time-limit 540]
     python benchmarks/world2_gate.py run --families --learning-rates 1e-3 3e-3 1e-2 --world DIR --out DIR
     python benchmarks/world2_gate.py run --lookalikes --learning-rates 1e-3 3e-3 1e-2 --world DIR --out DIR
+    python benchmarks/world2_gate.py run --siblings --learning-rates 1e-3 3e-3 1e-2 --world DIR --out DIR
     python benchmarks/world2_gate.py run --tiny [--multi | --crowd] --out /tmp/gate_tiny [--world DIR]
     python benchmarks/world2_gate.py run --crowd --sweep-only --ranks 4 --learning-rates 1e-2 --world DIR --out DIR
     python benchmarks/world2_gate.py describe [--json benchmarks/results/world2_config.json]
@@ -112,7 +114,7 @@ MULTI = {"steps": 750, "train_args": ("train_batch_size=4", *KEEP_CAPTIONS), "ev
 # --crowd: the thirty subjects of lora2.world.world2.CROWD_SUBJECTS in one adapter. Batch 12, so that 750 steps are
 # again 60 passes over the images (150), and one image for each of the 25 prompts per subject in the evaluation, so
 # that an adapter's thirty evaluations cost about what the ten subjects' two images a prompt cost. --families trains
-# the thirty of FAMILY_SUBJECTS (six families, five levels each) the same way, --lookalikes LOOKALIKE_SUBJECTS.
+# the thirty of FAMILY_SUBJECTS (six families, five levels each) the same way, --lookalikes and --siblings theirs.
 CROWD_SUBJECT = "thirty_subjects"
 CROWD = {"steps": 750, "train_args": ("train_batch_size=12", *KEEP_CAPTIONS), "eval_args": ("num_images=1",)}
 SUBJECT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a subject name that may name a file (eval_<subject>.json)
@@ -525,6 +527,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="--multi over the six families' thirty subjects (CROWD)")  # fmt: skip
     thirty.add_argument("--lookalikes", dest="subject_set", action="store_const", const="lookalikes",
                         help="--multi over five groups of six look-alikes, one group a level (CROWD)")  # fmt: skip
+    thirty.add_argument("--siblings", dest="subject_set", action="store_const", const="siblings",
+                        help="--multi over five groups of six siblings, a stem and redrawings (CROWD)")  # fmt: skip
     gate.add_argument("--sweep-only", action="store_true", help="only the seed-0 cells of --ranks x --learning-rates")
     gate.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     gate.add_argument("--learning-rates", nargs="+", default=list(LEARNING_RATES))

@@ -207,7 +207,7 @@ def test_the_crowd_trains_thirty_subjects_in_one_folder_of_its_own_dataset(gate,
         gate._subjects_root(args, tmp_path / "g")  # the ten need a folder of their own
 
 
-@pytest.mark.parametrize("subject_set", ["families", "lookalikes"])
+@pytest.mark.parametrize("subject_set", ["families", "lookalikes", "siblings"])
 def test_a_thirty_subject_set_trains_in_one_folder_of_its_own_dataset(gate, tmp_path, monkeypatch, subject_set):
     from lora2.world.world2 import SUBJECT_SETS
 

@@ -73,11 +73,12 @@ def test_world2_unet_has_hundreds_of_adapted_layers_of_several_widths(base):
     ("subjects", "min_psnr"),
     [
         (world2.SUBJECTS, world2.VAE_MIN_PSNR),
-        (world2.CROWD_SUBJECTS[10:], world2.CROWD_VAE_MIN_PSNR),
+        (world2.CROWD_SUBJECTS[10:], world2.DRAWN_VAE_MIN_PSNR),
         (world2.FAMILY_SUBJECTS, world2.VAE_MIN_PSNR),
-        (world2.LOOKALIKE_SUBJECTS, world2.CROWD_VAE_MIN_PSNR),
+        (world2.LOOKALIKE_SUBJECTS, world2.DRAWN_VAE_MIN_PSNR),
+        (world2.SIBLING_SUBJECTS, world2.DRAWN_VAE_MIN_PSNR),
     ],
-    ids=["designed", "drawn", "families", "lookalikes"],
+    ids=["designed", "drawn", "families", "lookalikes", "siblings"],
 )
 def test_world2_detail_survives_the_base_vae(subjects, min_psnr):
     """Each subject's detail is drawn at a scale the VAE carries: its 128-px render on white comes back through the
@@ -147,6 +148,27 @@ def test_the_lookalikes_are_five_groups_of_six_one_group_a_level():
     assert means == sorted(means) and len(set(means)) == 5  # the measured complexity grows with the level
     with pytest.raises(ValueError, match="group_size must lie"):
         world2.lookalike_subjects(group_size=9)
+
+
+def test_the_siblings_are_a_stem_and_its_one_part_redrawings_one_group_a_level():
+    subjects = world2.SIBLING_SUBJECTS
+    assert world2.sibling_subjects() == subjects and len(subjects) == 30  # drawn from a fixed seed
+    assert len({s.name for s in subjects}) == 30 and all(re.fullmatch(r"[a-z0-9_]+", s.name) for s in subjects)
+    groups = [subjects[k : k + 6] for k in range(0, 30, 6)]
+    assert [{s.level for s in group} for group in groups] == [{1}, {2}, {3}, {4}, {5}]
+    assert len({group[0].class_name for group in groups}) == 5
+    assert all(s.layers == s.layers[:1] for s in groups[0]) and len({s.layers[0].color for s in groups[0]}) == 6
+    for level, group in enumerate(groups[1:], start=2):
+        assert len({s.layers for s in group}) == 6 and len({s.layers[0].color for s in group}) == 1
+        stem, parts = set(group[0].layers), world2.SIBLING_PARTS[level]
+        for sibling in group[1:]:  # the stem with one part redrawn: the others' layers are the stem's
+            kept = set(sibling.layers) & stem
+            assert kept != stem and (len(parts) == 1 or len(kept) > 1)
+    bits = {s.name: png_bits_per_pixel(s, rotations=world2.PNG_ROTATIONS) for s in subjects}
+    means = [statistics.fmean(bits[s.name] for s in group) for group in groups]
+    assert means == sorted(means) and len(set(means)) == 5  # the measured complexity grows with the level
+    with pytest.raises(ValueError, match="group_size must lie"):
+        world2.sibling_subjects(group_size=1)
 
 
 def test_an_unknown_subject_set_is_named(tmp_path):
