@@ -131,44 +131,37 @@ def test_the_families_are_six_shapes_of_one_colour_each_at_five_levels():
         world2.family_subjects(families=8)
 
 
-def test_the_lookalikes_are_five_groups_of_six_one_group_a_level():
-    subjects = world2.LOOKALIKE_SUBJECTS
-    assert world2.lookalike_subjects() == subjects and len(subjects) == 30  # drawn from a fixed seed
+@pytest.mark.parametrize(
+    ("subjects", "draw"),
+    [(world2.LOOKALIKE_SUBJECTS, world2.lookalike_subjects), (world2.SIBLING_SUBJECTS, world2.sibling_subjects)],
+    ids=["lookalikes", "siblings"],
+)
+def test_a_set_of_look_alike_groups_is_five_groups_of_six_one_a_level(subjects, draw):
+    assert draw() == subjects and len(subjects) == 30  # drawn from a fixed seed
     assert len({s.name for s in subjects}) == 30 and all(re.fullmatch(r"[a-z0-9_]+", s.name) for s in subjects)
     groups = [subjects[k : k + 6] for k in range(0, 30, 6)]
     assert [{s.level for s in group} for group in groups] == [{1}, {2}, {3}, {4}, {5}]
     assert len({group[0].class_name for group in groups}) == 5  # one class a group, none shared
     flat, *detailed = groups
     assert all(s.layers == s.layers[:1] for s in flat) and len({s.layers[0].color for s in flat}) == 6
-    for group in detailed:  # one shape of one colour, no colour of another group, six different details
+    for group in detailed:  # one shape of one colour, no colour of another group, six different subjects
         assert len({s.layers[0].color for s in group}) == 1 and len({s.layers for s in group}) == 6
         assert group[0].layers[0].color not in {s.layers[0].color for s in subjects if s not in group}
     bits = {s.name: png_bits_per_pixel(s, rotations=world2.PNG_ROTATIONS) for s in subjects}
     means = [statistics.fmean(bits[s.name] for s in group) for group in groups]
     assert means == sorted(means) and len(set(means)) == 5  # the measured complexity grows with the level
-    with pytest.raises(ValueError, match="group_size must lie"):
-        world2.lookalike_subjects(group_size=9)
+    for size in (1, 9):
+        with pytest.raises(ValueError, match="group_size must lie"):
+            draw(group_size=size)
 
 
-def test_the_siblings_are_a_stem_and_its_one_part_redrawings_one_group_a_level():
-    subjects = world2.SIBLING_SUBJECTS
-    assert world2.sibling_subjects() == subjects and len(subjects) == 30  # drawn from a fixed seed
-    assert len({s.name for s in subjects}) == 30 and all(re.fullmatch(r"[a-z0-9_]+", s.name) for s in subjects)
-    groups = [subjects[k : k + 6] for k in range(0, 30, 6)]
-    assert [{s.level for s in group} for group in groups] == [{1}, {2}, {3}, {4}, {5}]
-    assert len({group[0].class_name for group in groups}) == 5
-    assert all(s.layers == s.layers[:1] for s in groups[0]) and len({s.layers[0].color for s in groups[0]}) == 6
-    for level, group in enumerate(groups[1:], start=2):
-        assert len({s.layers for s in group}) == 6 and len({s.layers[0].color for s in group}) == 1
+def test_a_sibling_is_its_stem_with_one_part_redrawn():
+    groups = [world2.SIBLING_SUBJECTS[k : k + 6] for k in range(6, 30, 6)]
+    for level, group in enumerate(groups, start=2):
         stem, parts = set(group[0].layers), world2.SIBLING_PARTS[level]
-        for sibling in group[1:]:  # the stem with one part redrawn: the others' layers are the stem's
+        for sibling in group[1:]:  # the other parts' layers are the stem's
             kept = set(sibling.layers) & stem
             assert kept != stem and (len(parts) == 1 or len(kept) > 1)
-    bits = {s.name: png_bits_per_pixel(s, rotations=world2.PNG_ROTATIONS) for s in subjects}
-    means = [statistics.fmean(bits[s.name] for s in group) for group in groups]
-    assert means == sorted(means) and len(set(means)) == 5  # the measured complexity grows with the level
-    with pytest.raises(ValueError, match="group_size must lie"):
-        world2.sibling_subjects(group_size=1)
 
 
 def test_an_unknown_subject_set_is_named(tmp_path):

@@ -416,15 +416,21 @@ LOOKALIKE_VERSION = "1"
 LOOKALIKE_DATASET_VERSION = f"{DATASET_VERSION}.lookalikes{LOOKALIKE_VERSION}"
 
 
-def lookalike_subjects(group_size: int = LOOKALIKE_GROUP, seed: int = LOOKALIKE_SEED) -> tuple[Subject, ...]:
-    """Five groups of ``group_size`` look-alikes drawn from ``seed``, level by level, each group one class (five
-    distinct): six colours of one flat shape, then, for levels 2-5, one shape of one colour (no colour of another
-    group) with ``group_size`` draws of the level's detail. Named ``<colour>_<class>_<level><k>``."""
+def _five_groups(group_size: int, seed: int) -> tuple[np.random.Generator, list[str], tuple[str, ...]]:
+    """The draws that start a set of five groups of ``group_size``, one a level: the generator of ``seed``, five
+    distinct shapes, and ``group_size`` + 4 colours (the flat group's, then one for each detailed group)."""
     if not 2 <= group_size <= 8:
         raise ValueError(f"group_size must lie in [2, 8] (subjects are lettered a-h), got {group_size!r}")
     rng = np.random.default_rng(seed)
     shapes = [str(shape) for shape in rng.choice(DETAIL_SHAPES, size=5, replace=False)]
-    colors = _colors(rng, group_size + 4)  # the flat group's colours, then one for each detailed group
+    return rng, shapes, _colors(rng, group_size + 4)
+
+
+def lookalike_subjects(group_size: int = LOOKALIKE_GROUP, seed: int = LOOKALIKE_SEED) -> tuple[Subject, ...]:
+    """Five groups of ``group_size`` look-alikes drawn from ``seed``, level by level, each group one class (five
+    distinct): six colours of one flat shape, then, for levels 2-5, one shape of one colour (no colour of another
+    group) with ``group_size`` draws of the level's detail. Named ``<colour>_<class>_<level><k>``."""
+    rng, shapes, colors = _five_groups(group_size, seed)
     subjects = []
     for level, shape in enumerate(shapes, start=1):
         class_name = _CLASS_OF_SHAPE.get(shape, shape)
@@ -471,11 +477,7 @@ def sibling_subjects(group_size: int = SIBLING_GROUP, seed: int = SIBLING_SEED) 
     """Five groups of ``group_size`` siblings drawn from ``seed``, level by level (module comment above), each group
     one class (five distinct) and the detailed groups' colours none of another group's. Named
     ``<colour>_<class>_<level><k>``."""
-    if not 2 <= group_size <= 8:
-        raise ValueError(f"group_size must lie in [2, 8] (subjects are lettered a-h), got {group_size!r}")
-    rng = np.random.default_rng(seed)
-    shapes = [str(shape) for shape in rng.choice(DETAIL_SHAPES, size=5, replace=False)]
-    colors = _colors(rng, group_size + 4)  # the flat group's colours, then one for each detailed group
+    rng, shapes, colors = _five_groups(group_size, seed)
     subjects = []
     for level, shape in enumerate(shapes, start=1):
         class_name = _CLASS_OF_SHAPE.get(shape, shape)
