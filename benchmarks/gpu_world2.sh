@@ -26,8 +26,8 @@
 #                                       # one adapter for the thirty crowd subjects (world2_gate.py --crowd)
 #   GATE=/tmp/world2_gate_families GATE_ARGS="--families --learning-rates 1e-3 3e-3 1e-2" OUT=... LIMIT=570 JOBS=16 \
 #     bash benchmarks/gpu_world2.sh gate  # one adapter for the six families' thirty subjects (--families)
-#   GATE=/tmp/world2_gate_lookalikes GATE_ARGS="--lookalikes --learning-rates 1e-3 3e-3 1e-2" OUT=... LIMIT=570 \
-#     JOBS=16 bash benchmarks/gpu_world2.sh gate  # five groups of six look-alikes, one a level (--lookalikes)
+#   GATE=/tmp/world2_gate_lookalikes GATE_ARGS="--lookalikes --ranks 4 64 --learning-rates 1e-3 3e-3 1e-2" OUT=... \
+#     LIMIT=560 JOBS=16 bash benchmarks/gpu_world2.sh gate  # five groups of six look-alikes (--lookalikes; --siblings)
 # CPU smoke test of the same steps (tiny data, world2's architecture):
 #   OUT=/tmp/o SCALE=world2-tiny DEVICE=cpu GATE_ARGS=--tiny JOBS=2 WORLD2=/tmp/w2 GATE=/tmp/g2 \
 #     bash benchmarks/gpu_world2.sh all

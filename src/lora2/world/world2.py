@@ -409,7 +409,8 @@ FAMILY_SUBJECTS: tuple[Subject, ...] = family_subjects()
 # colour, and in each other group the six share the shape and its colour and differ only in their level's detail
 # (glyph plaques, a patterned inner shape, bead rings, or all of them, as ``_crowd_layers``). Every subject has five
 # look-alikes (in the crowd and the families, look-alikes are what a low rank loses, docs/WORLD.md); what tells it
-# from them is coarse for the flat shapes (a colour over the whole shape) and finer with each level.
+# from them is coarse for the flat shapes (a colour over the whole shape) and finer with each level. (CPU pilot, seed
+# 0: rank 64 - rank 4 = +0.083 DINO, but with ρ = +0.02 against complexity; docs/WORLD.md, "Look-alikes and siblings".)
 LOOKALIKE_SEED = 31
 LOOKALIKE_GROUP = 6
 LOOKALIKE_VERSION = "1"
@@ -428,8 +429,8 @@ def _five_groups(group_size: int, seed: int) -> tuple[np.random.Generator, list[
 
 def lookalike_subjects(group_size: int = LOOKALIKE_GROUP, seed: int = LOOKALIKE_SEED) -> tuple[Subject, ...]:
     """Five groups of ``group_size`` look-alikes drawn from ``seed``, level by level, each group one class (five
-    distinct): six colours of one flat shape, then, for levels 2-5, one shape of one colour (no colour of another
-    group) with ``group_size`` draws of the level's detail. Named ``<colour>_<class>_<level><k>``."""
+    distinct): ``group_size`` colours of one flat shape, then, for levels 2-5, one shape of one colour (no colour of
+    another group) with ``group_size`` draws of the level's detail. Named ``<colour>_<class>_<level><k>``."""
     rng, shapes, colors = _five_groups(group_size, seed)
     subjects = []
     for level, shape in enumerate(shapes, start=1):
@@ -453,7 +454,8 @@ LOOKALIKE_SUBJECTS: tuple[Subject, ...] = lookalike_subjects()
 # ring; a patterned surface), its first member the stem itself and each other member the stem with one part redrawn,
 # in turn (at level 2, with its one part, every member's own). The more parts a subject carries, the smaller the
 # share of it that tells it from its siblings: built so that a level's detail is what one adapter must hold to keep
-# them apart (on the look-alikes, the gap of rank 4 to rank 64 follows how alike a group's members are, docs/WORLD.md).
+# them apart. (CPU pilot, seed 0: rank 64 - rank 4 = +0.106 DINO, shrinking with the level, ρ = -0.47: near-copies
+# cost little when confused; docs/WORLD.md.)
 SIBLING_SEED = 37
 SIBLING_GROUP = 6
 SIBLING_PARTS = {2: ("upper",), 3: ("upper", "lower"), 4: ("upper", "lower", "beads"),
