@@ -409,8 +409,8 @@ FAMILY_SUBJECTS: tuple[Subject, ...] = family_subjects()
 # colour, and in each other group the six share the shape and its colour and differ only in their level's detail
 # (glyph plaques, a patterned inner shape, bead rings, or all of them, as ``_crowd_layers``). Every subject has five
 # look-alikes (in the crowd and the families, look-alikes are what a low rank loses, docs/WORLD.md); what tells it
-# from them is coarse for the flat shapes (a colour over the whole shape) and finer with each level. (CPU pilot, seed
-# 0: rank 64 - rank 4 = +0.083 DINO, but with ρ = +0.02 against complexity; docs/WORLD.md, "Look-alikes and siblings".)
+# from them is coarse for the flat shapes (a colour over the whole shape) and finer with each level. (CPU pilot, seeds
+# 0-1: rank 64 - rank 4 = +0.064 DINO, but ρ = -0.15 against complexity; docs/WORLD.md, "Look-alikes and siblings".)
 LOOKALIKE_SEED = 31
 LOOKALIKE_GROUP = 6
 LOOKALIKE_VERSION = "1"
