@@ -116,6 +116,12 @@ MULTI = {"steps": 750, "train_args": ("train_batch_size=4", *KEEP_CAPTIONS), "ev
 # that an adapter's thirty evaluations cost about what the ten subjects' two images a prompt cost. --families trains
 # the thirty of FAMILY_SUBJECTS (six families, five levels each) the same way, --lookalikes and --siblings theirs.
 CROWD_SUBJECT = "thirty_subjects"
+THIRTY_SUBJECT_SETS = {  # flag -> what it trains (lora2.world.world2.SUBJECT_SETS)
+    "crowd": "the thirty crowd subjects",
+    "families": "the six families' thirty subjects",
+    "lookalikes": "five groups of six look-alikes, one group a level",
+    "siblings": "five groups of six siblings, a stem and redrawings",
+}
 CROWD = {"steps": 750, "train_args": ("train_batch_size=12", *KEEP_CAPTIONS), "eval_args": ("num_images=1",)}
 SUBJECT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a subject name that may name a file (eval_<subject>.json)
 
@@ -521,14 +527,10 @@ def _parser() -> argparse.ArgumentParser:
     gate.add_argument("--subjects", nargs="+", help="subject names (default: all under the data root)")
     gate.add_argument("--multi", action="store_true", help="one adapter for all subjects (protocol MULTI)")
     thirty = gate.add_mutually_exclusive_group()  # the subject set (lora2.world.world2.SUBJECT_SETS)
-    thirty.add_argument("--crowd", dest="subject_set", action="store_const", const="crowd", default="designed",
-                        help="--multi over the thirty crowd subjects (CROWD)")  # fmt: skip
-    thirty.add_argument("--families", dest="subject_set", action="store_const", const="families",
-                        help="--multi over the six families' thirty subjects (CROWD)")  # fmt: skip
-    thirty.add_argument("--lookalikes", dest="subject_set", action="store_const", const="lookalikes",
-                        help="--multi over five groups of six look-alikes, one group a level (CROWD)")  # fmt: skip
-    thirty.add_argument("--siblings", dest="subject_set", action="store_const", const="siblings",
-                        help="--multi over five groups of six siblings, a stem and redrawings (CROWD)")  # fmt: skip
+    gate.set_defaults(subject_set="designed")
+    for subject_set, subjects in THIRTY_SUBJECT_SETS.items():
+        thirty.add_argument(f"--{subject_set}", dest="subject_set", action="store_const", const=subject_set,
+                            help=f"--multi over {subjects} (CROWD)")  # fmt: skip
     gate.add_argument("--sweep-only", action="store_true", help="only the seed-0 cells of --ranks x --learning-rates")
     gate.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     gate.add_argument("--learning-rates", nargs="+", default=list(LEARNING_RATES))

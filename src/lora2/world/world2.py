@@ -475,6 +475,26 @@ def _sibling_part(part: str, shape: str, color: str, rng: np.random.Generator) -
     return _detail("glyphs" if part == "upper" else "pattern", 0 if part == "upper" else 1, rng)
 
 
+def _sibling_group(
+    level: int, shape: str, colors: tuple[str, ...], group_size: int, rng: np.random.Generator
+) -> list[tuple[str, tuple[Layer, ...]]]:
+    """(colour, layers) of the ``group_size`` members of the siblings' group of ``level`` on ``shape``."""
+    parts = SIBLING_PARTS.get(level, ())
+    if not parts:  # the flat group: one colour each
+        return [(color, (Layer(shape, color),)) for color in colors[:group_size]]
+    color = colors[group_size + level - 2]
+    stem = {part: _sibling_part(part, shape, color, rng) for part in parts}
+    members = []
+    for k in range(group_size):
+        own = dict(stem)
+        if k > 0 or len(parts) == 1:
+            redrawn = parts[k % len(parts)]
+            own[redrawn] = _sibling_part(redrawn, shape, color, rng)
+        surface = own.get("surface", (Layer(shape, color),))
+        members.append((color, surface + sum((own.get(part, ()) for part in ("lower", "upper", "beads")), ())))
+    return members
+
+
 def sibling_subjects(group_size: int = SIBLING_GROUP, seed: int = SIBLING_SEED) -> tuple[Subject, ...]:
     """Five groups of ``group_size`` siblings drawn from ``seed``, level by level (module comment above), each group
     one class (five distinct) and the detailed groups' colours none of another group's. Named
@@ -483,20 +503,7 @@ def sibling_subjects(group_size: int = SIBLING_GROUP, seed: int = SIBLING_SEED) 
     subjects = []
     for level, shape in enumerate(shapes, start=1):
         class_name = _CLASS_OF_SHAPE.get(shape, shape)
-        parts = SIBLING_PARTS.get(level, ())
-        color = colors[group_size + level - 2] if parts else ""
-        stem = {part: _sibling_part(part, shape, color, rng) for part in parts}
-        for k in range(group_size):
-            if not parts:  # the flat group: one colour each
-                color, layers = colors[k], (Layer(shape, colors[k]),)
-            else:
-                own = dict(stem)
-                if k > 0 or len(parts) == 1:
-                    redrawn = parts[k % len(parts)]
-                    own[redrawn] = _sibling_part(redrawn, shape, color, rng)
-                layers = own.get("surface", (Layer(shape, color),)) + sum(
-                    (own.get(part, ()) for part in ("lower", "upper", "beads")), ()
-                )
+        for k, (color, layers) in enumerate(_sibling_group(level, shape, colors, group_size, rng)):
             description = f"a {color} {class_name}, level {level}, one of {group_size} siblings (drawn)"
             subjects.append(
                 Subject(f"{color}_{class_name}_{level}{'abcdefgh'[k]}", class_name, description, layers, level)
