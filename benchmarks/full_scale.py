@@ -537,7 +537,8 @@ class Row:
 
 
 ROWS = (
-    Row("sdxl-adaptive", "sdxl", "rank_mode adaptive; defaults (init_rank 8, AdamW, constant lr, lambda first)"),
+    Row("sdxl-adaptive", "sdxl",
+        "rank_mode adaptive; defaults (init_rank 8, AdamW, constant lr, lambda first, entropy 1e-4)"),
     Row("sdxl-fixed64", "sdxl", "rank_mode fixed", ("--rank-mode", "fixed", "--init-rank", "64")),
     Row("sdxl-fixed64-ckpt", "sdxl", "fixed rank + gradient_checkpointing",
         ("--rank-mode", "fixed", "--init-rank", "64", "--gradient-checkpointing"), weight=1.3),
@@ -564,7 +565,7 @@ ROWS = (
         ("--snr-gamma", "5", "--lr-scheduler", "cosine_with_restarts", "--lr-num-cycles", "2",
          "--lambda-scaling", "none")),
     Row("sdxl-noise-offset", "sdxl", "noise_offset 0.05", ("--noise-offset", "0.05")),
-    Row("sdxl-entropy", "sdxl", "entropy_weight 1e-4 (entropy term on); lambda_scaling sum",
+    Row("sdxl-entropy", "sdxl", "entropy_weight 1e-4 set explicitly; lambda_scaling sum",
         ("--entropy-weight", "1e-4", "--lambda-scaling", "sum"), weight=1.3),
     Row("sdxl-dora", "sdxl", "adapter_type dora", ("--adapter-type", "dora")),
     Row("sdxl-adalora", "sdxl", "adapter_type adalora",

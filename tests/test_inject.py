@@ -100,6 +100,35 @@ def test_regularization_terms():
         lora2.regularization(_model())
 
 
+def test_weight_prior_counts_active_positions_only():
+    assert LoRA2Config().weight_reg_weight == 0.0  # off by default (docs/DESIGN.md)
+    with pytest.raises(ValueError, match="weight_reg_weight must be >= 0, got -1"):
+        LoRA2Config(weight_reg_weight=-1.0)
+    weight = 0.5
+    config = LoRA2Config(
+        target_modules=["to_q", "to_out.0"], init_rank=4, chunk_size=4, rank_reg_weight=0.0, weight_reg_weight=weight
+    )
+    model = lora2.inject(_model(), config)
+    layers = [layer for _, layer in lora2.lora_layers(model)]
+    for index, layer in enumerate(layers):  # perturb, and leave positions beyond D in the storage
+        torch.nn.init.normal_(layer.lora_B)
+        layer.set_rank(1 + index)
+    assert [layer.capacity for layer in layers] == [4, 4, 4, 4]  # D = 1, 2, 3, 4
+    expected = sum(
+        0.5 * (layer.lora_A[: layer.r].square().sum() + layer.active_b().square().sum()) for layer in layers
+    )
+    expected.backward()
+    reference = [(layer.lora_A.grad.clone(), layer.lora_B.grad.clone()) for layer in layers]
+    model.zero_grad(set_to_none=True)
+    value = lora2.regularization(model)
+    assert value.item() == pytest.approx(weight * expected.item(), rel=1e-6)
+    value.backward()
+    for layer, (grad_a, grad_b) in zip(layers, reference):
+        torch.testing.assert_close(layer.lora_A.grad, weight * grad_a, rtol=1e-6, atol=0)
+        torch.testing.assert_close(layer.lora_B.grad, weight * grad_b, rtol=1e-6, atol=0)
+        assert not layer.lora_A.grad[layer.r :].any() and not layer.lora_B.grad[:, layer.r :].any()
+
+
 def test_adapter_parameter_count_follows_rank():
     model = lora2.inject(_model(), LoRA2Config(target_modules=["to_q"], init_rank=4))
     assert lora2.adapter_parameter_count(model) == 2 * 4 * (8 + 8)

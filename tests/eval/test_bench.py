@@ -121,8 +121,9 @@ def test_svd_cell_fails_when_a_dependency_fails(tmp_path, dreambooth_root, monke
 def test_parametric_method_names():
     name = "lora2-rt16-lr3e-4-le1e-3-init4-q0.95"
     variant, svd, iso = resolve_methods([name, f"svd-fixed-128-uniform-{name}", f"iso-lr1e-3-{name}", "fixed-128"])[:3]
-    assert variant.train_args == {"rank_mode": "adaptive", "entropy_weight": 1e-3, "target_rank": 16.0,
-                                  "learning_rate": 3e-4, "init_rank": 4, "quantile": 0.95}  # fmt: skip
+    assert variant.train_args == {"rank_mode": "adaptive", "entropy_weight": 1e-3, "weight_reg_weight": 0.0,
+                                  "target_rank": 16.0, "learning_rate": 3e-4, "init_rank": 4,
+                                  "quantile": 0.95}  # fmt: skip
     assert svd.kind == "resize" and svd.train_args == {"allocation": "uniform"}
     assert svd.depends_on == ("fixed-128", variant.name)
     assert iso.kind == "iso" and iso.depends_on == (variant.name,) and iso.train_args["learning_rate"] == 1e-3

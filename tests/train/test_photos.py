@@ -17,7 +17,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from train_helpers import fast_config, train_with_sigterm_at_step, write_photos
 
+from lora2.train.config import TrainConfig
 from lora2.train.recipe import train
+from lora2.train.run_folder import CONFIG_FILE
 
 DREAMBOOTH = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "dreambooth"
 
@@ -63,6 +65,9 @@ def test_photos_train_with_buckets_captions_masks_prodigy_and_ema(photo_run):
     assert any(rank != 3 for rank in photo_run.ranks.values()), "ν (plain Adam beside Prodigy) should move ranks"
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()[1:]]
     assert all(record["prior"] > 0 for record in records)
+    # captions vary the prompt: the unset entropy_weight resolves to off (an explicit one fails, below)
+    assert all(record["entropy"] == 0 for record in records)
+    assert TrainConfig.from_yaml(out / CONFIG_FILE).entropy_weight == 0.0
     card = (out / "README.md").read_text()
     for line in (
         "- aspect_buckets: True",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 
@@ -15,10 +16,12 @@ from safetensors.torch import load_file
 from train_helpers import fast_config, train_with_sigterm_at_step
 
 from lora2.cli import main
+from lora2.lora.config import LORA2_ENTROPY_WEIGHT
 from lora2.train import checkpoint as ckpt
 from lora2.train import recipe
+from lora2.train.config import TrainConfig
 from lora2.train.recipe import TrainingDiverged, train
-from lora2.train.run_folder import RunFolder
+from lora2.train.run_folder import CONFIG_FILE, RunFolder
 
 # --------------------------------------------------------------------------- smoke run through the CLI
 
@@ -171,6 +174,7 @@ def _resume_config(tiny_base, instance_dir, out, **overrides):
         center_crop=False,
         random_flip=True,
         sample_steps=1,
+        entropy_weight=0.0,
         **overrides,
     )
 
@@ -221,6 +225,26 @@ def test_pinned_losses(straight_run):
 
 
 PINNED_LOSSES = [1.1963099241256714, 1.097264051437378, 1.097541332244873, 1.0307682752609253]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [({}, LORA2_ENTROPY_WEIGHT), ({"rank_mode": "fixed"}, 0.0), ({"instance_prompt": "a photo of a dog"}, 0.0)],
+    ids=["lora2", "fixed-rank", "no-identifier"],
+)
+def test_unset_entropy_weight_is_the_methods_where_the_term_applies(
+    tiny_base, instance_dir, tmp_path, caplog, overrides, expected
+):
+    config = fast_config(tiny_base, instance_dir, tmp_path / "run", max_train_steps=1, checkpointing_steps=1,
+                         **overrides)  # fmt: skip
+    assert config.entropy_weight is None
+    with caplog.at_level(logging.INFO, logger="lora2.train.recipe"):
+        train(config)
+    assert TrainConfig.from_yaml(tmp_path / "run" / CONFIG_FILE).entropy_weight == expected
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert (record["entropy"] > 0) == (expected > 0)
+    if "instance_prompt" in overrides:
+        assert "entropy term off" in caplog.text and "'sks' does not occur" in caplog.text
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_base, instance_dir, tmp_path, monkeypatch):

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from lora2.data import load_subject, load_subjects
 from lora2.eval.evaluate import adapter_summary, default_base, resolve_evaluators, world_info
 from lora2.lockfile import LockFile, die_with_parent
+from lora2.lora.config import LORA2_ENTROPY_WEIGHT
 from lora2.rank.budget import uniform_ranks
 from lora2.train.run_folder import CONFIG_FILE, MAIN_ADAPTER
 
@@ -66,9 +67,9 @@ SVD_ALLOCATIONS = {"to": "budget", "ranks": "layers", "uniform": "uniform"}
 ALLOCATIONS = ("budget", "layers", "uniform")
 # uniform LoRA trained at another method's parameter count: "iso-<target>", "iso-lr3e-4-<target>"
 ISO_NAME = re.compile(rf"iso(?:-lr({NUMBER}))?-(.+)")
-# λ_e of the "lora2" method: the value of both third-party reimplementations (docs/LORA2_METHOD.md); set here
-# explicitly because the trainer's default entropy_weight is 0, which would make lora2 == lora2-noentropy.
-LORA2_ENTROPY_WEIGHT = 1e-4
+# the "lora2" method as the first world's cells ran it: λ_e 1e-4 (the trainer's default since issue 19) and no weight
+# prior (the default), spelled out so that a cell's arguments do not change with a default
+LORA2_ARGS = {"rank_mode": "adaptive", "entropy_weight": LORA2_ENTROPY_WEIGHT, "weight_reg_weight": 0.0}
 # sizes of the peft baselines, comparable to lora2's measured mean rank of about 24 (docs/RESULTS.md)
 DORA_RANK = 32
 ADALORA_RANKS = (32, 16)  # init_r → target_r (mean final rank per layer)
@@ -132,7 +133,7 @@ def lora2_variant(name: str) -> Method | None:
     match = LORA2_NAME.fullmatch(name)
     if match is None:
         return None
-    args: dict = {"rank_mode": "adaptive", "entropy_weight": LORA2_ENTROPY_WEIGHT}
+    args: dict = dict(LORA2_ARGS)
     for key, value, scaling in LORA2_OPTION.findall(match[1]):
         if scaling:
             args["lambda_scaling"] = scaling
@@ -186,7 +187,7 @@ def iso_method(name: str) -> Method | None:
 def method_registry() -> dict[str, Method]:
     """All known methods by name (fixed-rank methods of other ranks and learning rates: ``resolve_methods``)."""
     methods = [fixed_rank_method(r) for r in FIXED_RANKS]
-    lora2 = {"rank_mode": "adaptive", "entropy_weight": LORA2_ENTROPY_WEIGHT}
+    lora2 = dict(LORA2_ARGS)
     methods += [
         Method("lora2", "LoRA² (learned ranks, rank regularisation and entropy term)", lora2),
         Method("lora2-noreg", "LoRA² without rank regularisation (λ_r = 0)", {**lora2, "rank_reg_weight": 0.0}),

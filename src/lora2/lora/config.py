@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from lora2.rank.math import SCALINGS, nu_target
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# λ_e of the trainer's entropy term where it is unset: 1e-4, the value of both third-party reimplementations
+# (docs/LORA2_METHOD.md); docs/DESIGN.md "Defaults and their evidence" says why the weight prior stays off
+LORA2_ENTROPY_WEIGHT = 1e-4
 _LEGACY_KEYS = ("entropy_weight",)
 
 
@@ -27,7 +30,8 @@ class LoRA2Config:
     chunk_size: storage grows and shrinks in multiples of this many rank positions.
     target_rank: r_target of the rank regularization (ν_target = −ln(1−q)/r_target).
     rank_reg_weight: λ_r, weight of Σ_ℓ |ν_ℓ − ν_target|.
-    weight_reg_weight: weight of the Gaussian prior Σθ²/2 on the active LoRA weights.
+    weight_reg_weight: λ_w, weight of the Gaussian prior Σθ²/2 on the active LoRA weights; 0 (off) by default,
+        see docs/DESIGN.md "Defaults and their evidence".
     rank_pattern: per-module initial (or fixed) rank, keyed like peft: a regex matched against the end of the
         module name.
     lora_dropout: dropout on the adapter input.
@@ -68,7 +72,7 @@ class LoRA2Config:
         if not self.target_rank > 0:
             raise ValueError(f"target_rank must be > 0, got {self.target_rank!r}")
         for key in ("rank_reg_weight", "weight_reg_weight"):
-            if getattr(self, key) < 0:
+            if not getattr(self, key) >= 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")

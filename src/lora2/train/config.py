@@ -124,7 +124,10 @@ class TrainConfig:
     adapter_type: lora2 (LoRA² / fixed-rank LoRA), or the peft baselines dora / adalora (UNet only).
     lora: the adapter (LoRA2Config); its fields are options of their own (init_rank, target_rank, ...) and
         rank_mode (adaptive = LoRA², fixed = plain LoRA of rank init_rank).
-    entropy_weight: λ_e, weight of the identifier's cross-attention entropy (0 = off, no attention maps computed).
+    entropy_weight: λ_e, weight of the identifier's cross-attention entropy (0 = off, no attention maps computed);
+        None (default) means the method's: ``LORA2_ENTROPY_WEIGHT`` (1e-4) for LoRA² (adapter_type lora2, rank_mode
+        adaptive) where the term applies (one instance prompt with the identifier, adapted attn2 layers; the log says
+        when it does not), else off. A value set explicitly applies or fails with the reason.
     adalora_tinit: AdaLoRA: fraction of the steps trained at init_rank before pruning starts (peft tinit).
     adalora_tfinal: AdaLoRA: fraction of the steps trained at the final ranks (peft tfinal).
     adalora_delta_t: AdaLoRA: steps between two budget allocations (peft deltaT).
@@ -176,7 +179,7 @@ class TrainConfig:
     # adapter: LoRA² (or the peft baselines, built from the same fields where their meaning fits)
     adapter_type: str = "lora2"
     lora: LoRA2Config = field(default_factory=LoRA2Config)
-    entropy_weight: float = 0.0
+    entropy_weight: float | None = None
     train_text_encoder: bool = False
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
     text_encoder_lr: float | None = None

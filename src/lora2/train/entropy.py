@@ -176,20 +176,28 @@ class EntropyAttnProcessor(AttnProcessor2_0):
         self.collector.values.append(map_entropy(maps.transpose(-1, -2)).mean())  # H over N, per (b, h, token)
 
 
+def adapted_cross_attention(unet: nn.Module) -> dict[str, nn.Module]:
+    """The cross-attention (``attn2``) modules that hold a LoRA² layer, by name: where the entropy term is read."""
+    return {
+        name: module
+        for name, module in unet.named_modules()
+        if isinstance(module, Attention)
+        and name.rsplit(".", 1)[-1] == "attn2"
+        and any(isinstance(child, LoRA2Layer) for child in module.modules())
+    }
+
+
 def install_entropy_processors(unet: nn.Module, collector: EntropyCollector) -> list[str]:
     """Set an ``EntropyAttnProcessor`` on every cross-attention (``attn2``) module holding a LoRA² layer.
 
     Returns the names of those modules; ``ValueError`` when no adapted cross-attention exists.
     """
-    names = []
-    for name, module in unet.named_modules():
-        if isinstance(module, Attention) and name.rsplit(".", 1)[-1] == "attn2":
-            if any(isinstance(child, LoRA2Layer) for child in module.modules()):
-                module.set_processor(EntropyAttnProcessor(collector))
-                names.append(name)
-    if not names:
+    modules = adapted_cross_attention(unet)
+    if not modules:
         raise ValueError(
             "entropy_weight > 0 needs adapted cross-attention layers (attn2), but no attn2 module holds a LoRA² "
             "layer: add to_q/to_k/to_v/to_out.0 of attn2 to target_modules or set entropy_weight to 0"
         )
-    return names
+    for module in modules.values():
+        module.set_processor(EntropyAttnProcessor(collector))
+    return list(modules)

@@ -52,7 +52,7 @@ from lora2.train.distributed import (
     verify_ranks,
 )
 from lora2.train.ema import start_ema
-from lora2.train.entropy import EntropyCollector, install_entropy_processors
+from lora2.train.entropy import EntropyCollector, adapted_cross_attention, install_entropy_processors
 from lora2.train.fast_path import UNetRunner, resolve_mode, unverified
 from lora2.train.loss import diffusion_loss, noised_inputs
 from lora2.train.model import encode_prompts, identifier_positions, load_components, native_resolution, resolve_base
@@ -263,6 +263,8 @@ class DreamBoothRecipe:
         if config.gradient_checkpointing:
             components.unet.enable_gradient_checkpointing()
         self.collector = None
+        if config.entropy_weight is None:
+            self.config = config = config.replace(entropy_weight=self._method_entropy_weight())
         if config.entropy_weight > 0:
             if self.data.varies_prompts:
                 raise ValueError("entropy_weight needs the one instance prompt: not with captions or caption options")
@@ -272,6 +274,28 @@ class DreamBoothRecipe:
             logger.info("entropy term on %d cross-attention layers, tokens %s", len(layers), positions)
         self.data.fill_caches()
         self._park_frozen_modules()
+
+    def _method_entropy_weight(self) -> float:
+        """λ_e of a run that leaves ``entropy_weight`` unset: the adapter type's (LoRA²: 1e-4) where the term applies,
+        else 0 with the reason in the log (a value set explicitly fails instead)."""
+        weight = self.backend.method_entropy_weight()
+        if weight == 0:
+            return 0.0
+        reason = None
+        if self.data.varies_prompts:
+            reason = "the prompt varies by image (captions or caption options)"
+        elif not adapted_cross_attention(self.components.unet):
+            reason = "no cross-attention (attn2) layer is adapted"
+        else:
+            try:
+                identifier_positions(self.components.tokenizers[0], self.instance_prompt, self.config.identifier)
+            except ValueError as error:
+                reason = str(error)
+        if reason is not None:
+            logger.info("entropy term off (entropy_weight unset; it needs the one instance prompt): %s", reason)
+            return 0.0
+        logger.info("entropy_weight %g (LoRA²'s λ_e; --entropy-weight 0 turns the term off)", weight)
+        return weight
 
     def _park_frozen_modules(self) -> None:
         """Once latents and prompt embeddings are cached, the VAE and frozen text encoders leave the GPU (they come

@@ -54,6 +54,10 @@ class AdapterBackend:
         """The type's own loss term (0-d tensor; zero when it has none)."""
         return torch.zeros((), device=self.device)
 
+    def method_entropy_weight(self) -> float:
+        """λ_e of a run that leaves ``entropy_weight`` unset: the method's own (0: this type has no entropy term)."""
+        return 0.0
+
     def after_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Runs after every optimizer step, before the gradients are cleared (``step`` counts from 1)."""
 

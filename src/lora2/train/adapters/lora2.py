@@ -16,6 +16,7 @@ from torch import nn
 
 from lora2.export.api import save_lora
 from lora2.inject import inject
+from lora2.lora.config import LORA2_ENTROPY_WEIGHT
 from lora2.lora.layer import LoRA2Layer
 from lora2.lora.model import adapter_parameter_count, layers_of, regularization
 from lora2.lora.optim import sync_ranks
@@ -57,6 +58,10 @@ class LoRA2Backend(AdapterBackend):
     def regularization(self) -> torch.Tensor:
         """λ_r Σ_ℓ |ν_ℓ − ν_target| + λ_w Σθ²/2 over every adapted model (``lora2.regularization``)."""
         return sum(regularization(module) for module in self.modules.values())
+
+    def method_entropy_weight(self) -> float:
+        """LoRA²'s λ_e (``LORA2_ENTROPY_WEIGHT``); fixed-rank LoRA has no entropy term."""
+        return LORA2_ENTROPY_WEIGHT if self.config.lora.adaptive else 0.0
 
     def after_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         sync_ranks(optimizer, self.modules)  # ranks follow ν; re-allocated storage is rebound in optimizer
