@@ -164,6 +164,14 @@ def test_a_sibling_is_its_stem_with_one_part_redrawn():
             assert kept != stem and (len(parts) == 1 or len(kept) > 1)
 
 
+def test_level_five_look_alikes_share_beads_and_glyphs_and_differ_in_their_surface():
+    group = world2.LOOKALIKE_SUBJECTS[24:]
+    assert {s.layers[1:] for s in group} == {group[0].layers[1:]}  # one bead ring and one glyph plaque for all
+    assert any(layer.pattern == "glyphs" for layer in group[0].layers[1:])
+    surfaces = [s.layers[0] for s in group]
+    assert len(set(surfaces)) == 6 and all(layer.pattern != "solid" for layer in surfaces)
+
+
 def test_an_unknown_subject_set_is_named(tmp_path):
     with pytest.raises(ValueError, match="'nope'"):
         world2.write_world2_subjects(tmp_path / "x", size=32, subject_set="nope")
