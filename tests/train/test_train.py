@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import signal
 
@@ -245,6 +246,25 @@ def test_unset_entropy_weight_is_the_methods_where_the_term_applies(
     assert (record["entropy"] > 0) == (expected > 0)
     if "instance_prompt" in overrides:
         assert "entropy term off" in caplog.text and "'sks' does not occur" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "overrides, reason",
+    [({"instance_prompt": "a photo of a dog"}, "'sks' does not occur"),
+     ({"target_modules": ["attn1.to_q", "attn1.to_v"]}, "no cross-attention (attn2) layer is adapted")],
+    ids=["no-identifier", "no-attn2"],
+)  # fmt: skip
+def test_an_entropy_weight_set_where_the_term_cannot_apply_names_the_reason(
+    tiny_base, instance_dir, tmp_path, caplog, overrides, reason
+):
+    """One owner decides both paths: set, the run fails with the reason; unset, it logs it and trains without."""
+    config = fast_config(tiny_base, instance_dir, tmp_path / "set", max_train_steps=1, checkpointing_steps=1,
+                         entropy_weight=1e-4, **overrides)  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        train(config)
+    with caplog.at_level(logging.INFO, logger="lora2.train.recipe"):
+        train(config.replace(entropy_weight=None, output_dir=str(tmp_path / "unset")))
+    assert "entropy term off" in caplog.text and reason in caplog.text
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_base, instance_dir, tmp_path, monkeypatch):
