@@ -24,7 +24,8 @@ thirty subjects of ``lora2.world.world2.CROWD_SUBJECTS`` (the ten and twenty dra
 ``--families`` for the thirty of ``FAMILY_SUBJECTS`` (six families of one class and colour, five levels each: the
 members of a family differ only in their detail), protocol ``CROWD`` too, and ``--lookalikes`` for the thirty of
 ``LOOKALIKE_SUBJECTS`` (five groups of six look-alikes, one a level: six colours of a flat shape, then one shape and
-colour told apart by their level's detail alone), and ``--siblings`` for those of ``SIBLING_SUBJECTS`` (the same
+colour told apart by their level's detail alone; at level 5 by a patterned surface beneath a shared bead ring and
+glyph plaque), and ``--siblings`` for those of ``SIBLING_SUBJECTS`` (the same
 groups, but each detailed group a stem of one to four parts and its redrawings of one part).
 
 Writes ``<out>/world2_gate.json`` (exactly the issue's keys) and ``<out>/world2_gate_cells.json`` (best learning
