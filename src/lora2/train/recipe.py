@@ -264,48 +264,44 @@ class DreamBoothRecipe:
         if config.gradient_checkpointing:
             components.unet.enable_gradient_checkpointing()
         self.collector = None
-        if config.entropy_weight is None:
-            self.config = config = config.replace(entropy_weight=self._method_entropy_weight())
-        if config.entropy_weight > 0:
-            self._setup_entropy()
+        self.config = self._setup_entropy()
         self.data.fill_caches()
         self._park_frozen_modules()
 
-    def _method_entropy_weight(self) -> float:
-        """λ_e of a run that leaves ``entropy_weight`` unset: the adapter type's (LoRA²: 1e-4) where the term applies,
-        else 0 with the reason in the log (a value set explicitly fails instead, in ``_setup_entropy``)."""
-        weight = self.backend.method_entropy_weight()
+    def _setup_entropy(self) -> TrainConfig:
+        """Resolve λ_e and, where it is > 0, install the entropy processors; returns the config with λ_e resolved.
+
+        Unset, λ_e is the adapter type's (``method_entropy_weight``: LoRA² 1e-4) where the term applies, else 0 with
+        the reason in the log; set explicitly, it applies or fails with the reason (``ValueError``)."""
+        config = self.config
+        weight = self.backend.method_entropy_weight() if config.entropy_weight is None else config.entropy_weight
         if weight == 0:
-            return 0.0
-        reason = self._entropy_blocker()
-        if reason is not None:
-            logger.info("entropy term off (entropy_weight unset; it needs %s): %s", ENTROPY_NEEDS, reason)
-            return 0.0
-        logger.info("entropy_weight %g (LoRA²'s λ_e; --entropy-weight 0 turns the term off)", weight)
-        return weight
-
-    def _entropy_blocker(self) -> str | None:
-        """Why the entropy term cannot apply to this run, None where it can: the one owner of its conditions."""
-        if self.data.varies_prompts:
-            return "the prompt varies by image (captions or caption options)"
-        if not adapted_cross_attention(self.components.unet):
-            return "no cross-attention (attn2) layer is adapted: add attn2's to_q/to_k/to_v/to_out.0 to target_modules"
+            return config.replace(entropy_weight=0.0)
         try:
-            identifier_positions(self.components.tokenizers[0], self.instance_prompt, self.config.identifier)
-        except ValueError as error:
-            return str(error)
-        return None
-
-    def _setup_entropy(self) -> None:
-        """Install the entropy processors for λ_e > 0; ``ValueError`` with the reason where the term cannot apply."""
-        reason = self._entropy_blocker()
-        if reason is not None:
-            raise ValueError(f"entropy_weight needs {ENTROPY_NEEDS}: {reason}; set it to 0 or leave it unset")
-        components = self.components
-        positions = identifier_positions(components.tokenizers[0], self.instance_prompt, self.config.identifier)
+            positions = self._entropy_positions()
+        except ValueError as reason:
+            if config.entropy_weight is not None:
+                message = f"entropy_weight needs {ENTROPY_NEEDS}: {reason}; set it to 0 or leave it unset"
+                raise ValueError(message) from reason
+            logger.info("entropy term off (entropy_weight unset; it needs %s): %s", ENTROPY_NEEDS, reason)
+            return config.replace(entropy_weight=0.0)
+        if config.entropy_weight is None:
+            logger.info("entropy_weight %g (LoRA²'s λ_e; --entropy-weight 0 turns the term off)", weight)
         self.collector = EntropyCollector(positions)
-        layers = install_entropy_processors(components.unet, self.collector)
+        layers = install_entropy_processors(self.components.unet, self.collector)
         logger.info("entropy term on %d cross-attention layers, tokens %s", len(layers), positions)
+        return config.replace(entropy_weight=weight)
+
+    def _entropy_positions(self) -> list[int]:
+        """The identifier's token positions the entropy term reads; ``ValueError`` with the reason where the term
+        cannot apply to this run (the one owner of its conditions)."""
+        if self.data.varies_prompts:
+            raise ValueError("the prompt varies by image (captions or caption options)")
+        if not adapted_cross_attention(self.components.unet):
+            raise ValueError(
+                "no cross-attention (attn2) layer is adapted: add attn2's to_q/to_k/to_v/to_out.0 to target_modules"
+            )
+        return identifier_positions(self.components.tokenizers[0], self.instance_prompt, self.config.identifier)
 
     def _park_frozen_modules(self) -> None:
         """Once latents and prompt embeddings are cached, the VAE and frozen text encoders leave the GPU (they come

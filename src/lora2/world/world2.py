@@ -455,11 +455,11 @@ def lookalike_subjects(group_size: int = LOOKALIKE_GROUP, seed: int = LOOKALIKE_
     subjects = []
     for level, shape in enumerate(shapes, start=1):
         class_name = _CLASS_OF_SHAPE.get(shape, shape)
+        group_color = colors[group_size + level - 2]  # levels 2-5: one colour a group (level 1: one a member)
         if level == 5:
-            color = colors[group_size + level - 2]
-            members = [(color, layers) for layers in _surface_lookalikes(shape, color, group_size, rng)]
+            members = [(group_color, layers) for layers in _surface_lookalikes(shape, group_color, group_size, rng)]
         else:
-            member_colors = colors[:group_size] if level == 1 else (colors[group_size + level - 2],) * group_size
+            member_colors = colors[:group_size] if level == 1 else (group_color,) * group_size
             members = [(c, _crowd_layers(level, shape, c, rng)) for c in member_colors]
         for k, (color, layers) in enumerate(members):
             description = f"a {color} {class_name}, level {level}, one of {group_size} look-alikes (drawn)"
