@@ -175,6 +175,17 @@ def test_jobs_run_seed_by_seed(tmp_path, dreambooth_root):
     assert order == [(seed, s, m) for seed in (0, 1) for s in ("toy1", "pup") for m in ("fixed-8", "lora2")]
 
 
+def test_a_train_arg_that_a_method_sets_itself_is_refused(tmp_path, dreambooth_root):
+    """--train-arg comes after a method's own options on the job's command line and would win: "lora2-lr4e-3" with
+    --train-arg learning_rate=1e-3 would train at 1e-3 under the name of 4e-3."""
+    with pytest.raises(ValueError, match=r"'lora2-lr4e-3' sets \['learning_rate'\] itself"):
+        Bench(_config(tmp_path / "b", dreambooth_root, ["lora2-lr4e-3"], train_args=["learning_rate=1e-3"]))
+    with pytest.raises(ValueError, match=r"'iso-lora2' sets \['init_rank'\] itself"):
+        Bench(_config(tmp_path / "b", dreambooth_root, ["lora2", "iso-lora2"], train_args=["init-rank=4"]))
+    assert not (tmp_path / "b").exists()
+    Bench(_config(tmp_path / "b", dreambooth_root, ["lora2", "fixed-8"], train_args=["learning_rate=1e-3"]))
+
+
 def test_bad_input_before_any_job(tmp_path, dreambooth_root, monkeypatch):
     monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
     with pytest.raises(ValueError, match="unknown method.*'fixed-7'.*known: fixed-8"):

@@ -67,6 +67,7 @@ SVD_ALLOCATIONS = {"to": "budget", "ranks": "layers", "uniform": "uniform"}
 ALLOCATIONS = ("budget", "layers", "uniform")
 # uniform LoRA trained at another method's parameter count: "iso-<target>", "iso-lr3e-4-<target>"
 ISO_NAME = re.compile(rf"iso(?:-lr({NUMBER}))?-(.+)")
+ISO_RANK_OPTIONS = ("init_rank", "max_rank", "rank_pattern")  # what ``iso_rank_options`` sets on an iso cell
 # the "lora2" method as the first world's cells ran it: λ_e 1e-4 (the trainer's default since issue 19) and no weight
 # prior (the default), spelled out so that a cell's arguments do not change with a default
 LORA2_ARGS = {"rank_mode": "adaptive", "entropy_weight": LORA2_ENTROPY_WEIGHT, "weight_reg_weight": 0.0}
@@ -111,8 +112,8 @@ def fixed_rank_method(rank: int, learning_rate: str | None = None) -> Method:
     """LoRA of rank ``rank`` (a power of two, as in ``FIXED_RANKS``) in every layer ("fixed-<rank>").
 
     With ``learning_rate`` (as written, e.g. "3e-4") the method trains at that learning rate and is named
-    "fixed-<rank>-lr<learning_rate>": a learning-rate sweep in one grid (the bench's ``train_args`` must then not
-    set learning_rate, which would override it).
+    "fixed-<rank>-lr<learning_rate>": a learning-rate sweep in one grid (a bench refuses ``train_args`` that set
+    learning_rate beside it, ``Bench._check_train_args``).
     """
     if rank < 1 or rank & (rank - 1):
         raise ValueError(f"a fixed-rank method's rank must be a power of two, got {rank}")
@@ -467,9 +468,19 @@ class Bench:
         parser = argparse.ArgumentParser(prog="lora2 train", exit_on_error=False)
         add_config_arguments(parser)
         steps = ["--max-train-steps", str(self.config.steps)] if self.config.steps else []
+        bench_keys = {option.split("=", 1)[0].strip().replace("-", "_") for option in self.config.train_args}
         for method in self.methods:
             if method.kind not in ("train", "iso"):
                 continue
+            # the job's command line lists the method's options, then --train-arg, then an iso cell's ranks: the
+            # later flag wins, so an option set twice would train something other than what the method's name says
+            own = set(method.train_args) | (set(ISO_RANK_OPTIONS) if method.kind == "iso" else set())
+            overlap = sorted(bench_keys & own)
+            if overlap:
+                raise ValueError(
+                    f"method {method.name!r} sets {overlap} itself (its options: {method.train_args}); "
+                    f"--train-arg {overlap[0]}=… would override it: leave it out of --train-arg"
+                )
             flags = _method_flags(method.train_args) + _parse_options(self.config.train_args) + steps
             try:
                 config_from_args(parser.parse_args(flags))
@@ -829,7 +840,9 @@ def iso_rank_options(adapter: str | Path) -> dict:
     ranks = uniform_allocation(modules, {name: module.rank for name, module in modules.items()})
     base = min(ranks.values())
     pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != base}
-    return {"init_rank": base, "max_rank": max(512, base + 1), "rank_pattern": pattern}
+    options = {"init_rank": base, "max_rank": max(512, base + 1), "rank_pattern": pattern}
+    assert tuple(options) == ISO_RANK_OPTIONS
+    return options
 
 
 def svd_resize(source: str | Path, ranks_from: str | Path, output: str | Path, allocation: str = "budget") -> Path:
