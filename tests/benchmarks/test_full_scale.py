@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import json
 import os
 import signal
@@ -26,12 +25,8 @@ needs_shared = pytest.mark.skipif(SHARED is None, reason="../shared (configs, pe
 
 
 @pytest.fixture(scope="module")
-def fs():
-    spec = importlib.util.spec_from_file_location("full_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def fs(load_script):
+    return load_script("full_scale")
 
 
 @pytest.fixture(scope="module")

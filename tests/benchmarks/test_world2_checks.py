@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "world2_checks.py"
-
 
 @pytest.fixture(scope="module")
-def checks():
-    spec = importlib.util.spec_from_file_location("world2_checks", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def checks(load_script):
+    return load_script("world2_checks")
 
 
 def test_distinctness_measures_the_nearest_subject_and_the_class_of_others(checks):

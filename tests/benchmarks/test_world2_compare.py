@@ -3,7 +3,6 @@ chain after the gate through ``lora2 bench`` with stand-in jobs (tests/eval/fake
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from dataclasses import replace
@@ -19,13 +18,9 @@ BEST_FIXED = {2: "3e-3", 4: "3e-3", 8: "1e-3", 16: "1e-3", 32: "1e-3", 64: "3e-4
 
 
 @pytest.fixture(scope="module")
-def compare():
+def compare(load_script):
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("world2_compare", ROOT / "benchmarks" / "world2_compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("world2_compare")
 
 
 def test_every_planned_method_resolves_with_its_dependencies(compare):

@@ -3,7 +3,6 @@ whole chain through `lora2 bench` with stand-in train and eval jobs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -20,12 +19,8 @@ FAKE = [sys.executable, str(ROOT / "tests" / "eval" / "fake_jobs.py")]
 
 
 @pytest.fixture(scope="module")
-def gate():
-    spec = importlib.util.spec_from_file_location("world2_gate", ROOT / "benchmarks" / "world2_gate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def gate(load_script):
+    return load_script("world2_gate")
 
 
 def _synthetic(gap_per_complexity: float, noise: float, seed: int = 0):

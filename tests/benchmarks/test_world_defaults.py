@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from lora2.eval.report import CellResult
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def defaults():
-    spec = importlib.util.spec_from_file_location("world_defaults", ROOT / "benchmarks" / "world_defaults.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def defaults(load_script):
+    return load_script("world_defaults")
 
 
 def _cell(method: str, seed: int, dino: float, size_gb: float, folder: str) -> CellResult:
