@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,7 +31,7 @@ OUT = Path(__file__).parent / "results" / "world_defaults_cpu.json"
 
 
 def pooled_cells(
-    folders: list[Path], reference_cells: list[CellResult] = ()
+    folders: list[Path], reference_cells: Sequence[CellResult] = ()
 ) -> tuple[list[CellResult], list[tuple[CellResult, CellResult]]]:
     """The scored cells of ``folders``, each (subject, method, seed) once: the first folder's, then
     ``reference_cells`` for the keys no folder holds; and each pair (kept, repeat) of a cell scored twice."""
@@ -106,7 +107,7 @@ def main() -> None:
                 **{metric: [a.scores[metric], b.scores[metric]] for metric in METRICS},
             }
             for a, b in repeats
-        ],  # fmt: skip
+        ],
         "cells": [asdict(cell) for cell in cells],
     }
     args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

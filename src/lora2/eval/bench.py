@@ -478,8 +478,8 @@ class Bench:
             overlap = sorted(bench_keys & own)
             if overlap:
                 raise ValueError(
-                    f"method {method.name!r} sets {overlap} itself (its options: {method.train_args}); "
-                    f"--train-arg {overlap[0]}=… would override it: leave it out of --train-arg"
+                    f"method {method.name!r} sets {overlap} itself (its options: {method.train_args}); with "
+                    f"--train-arg {overlap[0]}=… as well, one of the two would go unused: leave it out of --train-arg"
                 )
             flags = _method_flags(method.train_args) + _parse_options(self.config.train_args) + steps
             try:
